@@ -1,0 +1,155 @@
+"""Margin-based classification heads: ArcFace, CosFace, CurricularFace.
+
+Written for class centres sharded across devices (the reference's "dist FC"):
+the kernel is (embedding_dim, classes) and the training engine shards its
+class axis over the mesh's ``model`` axis; every operation here is either a
+matmul, an elementwise op or a reduction over the class axis (no gathers by
+label), so under ``jax.jit`` XLA keeps logits sharded by class and turns the
+target-logit lookup and the softmax normaliser into cross-device reductions,
+never materialising the full logits on one device.
+
+``num_classes`` that does not divide the shard count is handled by padding
+the kernel to ``padded_classes`` columns; padded columns get a logit of
+``-inf``-like value so they take no probability mass.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+_NEG = -1e30  # logit of padded / unsampled classes (finite: keeps 0 * x NaN-free)
+
+
+def l2_normalize(x, axis):
+    """x / ||x|| (the reference divides by the norm with no epsilon; we add a tiny one for zeros)."""
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), 1e-24))
+
+
+def cosine_logits(embeddings, kernel):
+    """Clamped cosine between L2-normalised embeddings (B, D) and kernel columns (D, C)."""
+    e = l2_normalize(embeddings, 1)
+    k = l2_normalize(kernel, 0)
+    return jnp.clip(jnp.dot(e, k, precision=jax.lax.Precision.HIGHEST), -1.0, 1.0)
+
+
+def _onehot(labels, num_columns, dtype=jnp.float32):
+    return jax.nn.one_hot(labels, num_columns, dtype=dtype)
+
+
+def _target(cos, onehot):
+    """cos[b, labels[b]] as a reduction (sharding friendly), shape (B, 1)."""
+    return jnp.sum(cos * onehot, axis=1, keepdims=True)
+
+
+def arcface_margin(cos, labels, scale=64.0, margin=0.5, easy_margin=False):
+    """ArcFace: replace the target cosine by cos(theta + m) (with the usual fallback).
+
+    Returns (scaled logits with margin, scaled logits without margin).
+    """
+    onehot = _onehot(labels, cos.shape[1], cos.dtype)
+    t = _target(cos, onehot)
+    sin_t = jnp.sqrt(jnp.maximum(1.0 - t * t, 0.0))
+    cos_tm = t * math.cos(margin) - sin_t * math.sin(margin)
+    if easy_margin:
+        final = jnp.where(t > 0, cos_tm, t)
+    else:
+        final = jnp.where(t > math.cos(math.pi - margin), cos_tm, t - math.sin(math.pi - margin) * margin)
+    out = jnp.where(onehot > 0, final, cos)
+    return out * scale, jax.lax.stop_gradient(cos) * scale
+
+
+def cosface_margin(cos, labels, scale=64.0, margin=0.4):
+    """CosFace: target cosine minus m."""
+    onehot = _onehot(labels, cos.shape[1], cos.dtype)
+    out = cos - margin * onehot
+    return out * scale, jax.lax.stop_gradient(cos) * scale
+
+
+def curricular_margin(cos, labels, t, scale=64.0, margin=0.5, alpha=0.1):
+    """CurricularFace. ``t`` is the running (1,) buffer; returns (out, origin, new_t).
+
+    As in the reference, the hard-example modulation uses the updated ``t`` and
+    ``t`` moves on every call: t <- alpha * mean(target cos) + (1 - alpha) * t.
+    """
+    onehot = _onehot(labels, cos.shape[1], cos.dtype)
+    tgt = _target(cos, onehot)
+    sin_t = jnp.sqrt(jnp.maximum(1.0 - tgt * tgt, 0.0))
+    cos_tm = tgt * math.cos(margin) - sin_t * math.sin(margin)
+    final = jnp.where(tgt > math.cos(math.pi - margin), cos_tm, tgt - math.sin(math.pi - margin) * margin)
+    new_t = jax.lax.stop_gradient(jnp.mean(tgt) * alpha + (1.0 - alpha) * t)
+    hard = cos > cos_tm
+    out = jnp.where(hard, cos * (new_t + cos), cos)
+    out = jnp.where(onehot > 0, final, out)
+    return out * scale, jax.lax.stop_gradient(cos) * scale, new_t
+
+
+class MarginHead(nn.Module):
+    """Normalised linear classifier with a margin.
+
+    Attributes:
+      num_classes: real number of identities.
+      kind: 'arcface' | 'cosface' | 'curricularface'.
+      padded_classes: kernel width (>= num_classes; a multiple of the class
+        shard count). Defaults to num_classes.
+      sample_rate: PartialFC-style negative sampling in training: each step keeps
+        all classes present in the batch plus a random subset of the others so
+        that about ``sample_rate * num_classes`` take part in the softmax (the
+        rest are masked out). 1.0 = off.
+
+    Call: ``(embeddings (B, D), labels (B,) int, train=False) -> (logits, origin_logits)``
+    both (B, padded_classes). Uses an rng stream 'sample' when sampling.
+    """
+
+    num_classes: int
+    kind: str = "arcface"
+    scale: float = 64.0
+    margin: float | None = None
+    easy_margin: bool = False
+    alpha: float = 0.1
+    padded_classes: int | None = None
+    sample_rate: float = 1.0
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, embeddings, labels, train: bool = False):
+        width = self.padded_classes or self.num_classes
+        if width < self.num_classes:
+            raise ValueError(f"padded_classes={width} < num_classes={self.num_classes}")
+        if embeddings.ndim != 2:
+            raise ValueError(f"embeddings must be (batch, dim), got shape {embeddings.shape}")
+        kernel = self.param("kernel", nn.initializers.normal(0.01), (embeddings.shape[1], width), self.param_dtype)
+        # the head runs in float32 even under bf16 compute: margins need the precision
+        cos = cosine_logits(embeddings.astype(jnp.float32), kernel.astype(jnp.float32))
+        if self.kind == "arcface":
+            out, origin = arcface_margin(cos, labels, self.scale, 0.5 if self.margin is None else self.margin,
+                                         self.easy_margin)
+        elif self.kind == "cosface":
+            out, origin = cosface_margin(cos, labels, self.scale, 0.4 if self.margin is None else self.margin)
+        elif self.kind == "curricularface":
+            t = self.variable("head_state", "t", lambda: jnp.zeros((1,), jnp.float32))
+            out, origin, new_t = curricular_margin(cos, labels, t.value, self.scale,
+                                                   0.5 if self.margin is None else self.margin, self.alpha)
+            if not self.is_initializing():
+                t.value = new_t
+        else:
+            raise ValueError(f"unknown head kind {self.kind!r}; expected arcface, cosface or curricularface")
+        keep = jnp.arange(width) < self.num_classes
+        if train and self.sample_rate < 1.0:
+            keep = keep[None, :] & self._sample_mask(labels, width)
+        out = jnp.where(keep, out, _NEG)
+        origin = jnp.where(keep, origin, _NEG)
+        return out, origin
+
+    def _sample_mask(self, labels, width):
+        """Classes in the batch, plus random others, ~sample_rate * num_classes in all."""
+        positive = jnp.any(_onehot(labels, width, jnp.bool_), axis=0)
+        u = jax.random.uniform(self.make_rng("sample"), (width,))
+        n_keep = max(1, int(round(self.sample_rate * self.num_classes)))
+        # probability so that the expected count of kept negatives fills the budget
+        p = jnp.clip((n_keep - jnp.sum(positive)) / jnp.maximum(self.num_classes - jnp.sum(positive), 1), 0.0, 1.0)
+        return (positive | (u < p))[None, :]

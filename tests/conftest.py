@@ -1,0 +1,77 @@
+"""Shared test fixtures: golden data access, tolerances, fake CPU devices.
+
+``PPFR_GOLDEN_DIR`` selects the golden set (default: ``tests/golden``).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pathlib
+
+# Multi-device tests use fake CPU devices; must be set before jax initialises.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+TESTS = pathlib.Path(__file__).parent
+GOLDEN_DIR = pathlib.Path(os.environ.get("PPFR_GOLDEN_DIR", TESTS / "golden"))
+SHARED = (TESTS.parent.parent / "shared").resolve()
+
+
+def golden_path(name: str) -> pathlib.Path:
+    p = GOLDEN_DIR / name
+    if not p.exists():
+        pytest.skip(f"golden file {p} not present (PPFR_GOLDEN_DIR={GOLDEN_DIR})")
+    return p
+
+
+def load_golden(name: str) -> dict:
+    """Load ``<golden>/<name>.npz`` into a dict of numpy arrays."""
+    with np.load(golden_path(name + ".npz")) as z:
+        return {k: z[k] for k in z.files}
+
+
+def golden_state_dict(model: str) -> dict:
+    """Regenerate the deterministic PyTorch state_dict of ``weights_<model>.json``."""
+    spec = importlib.util.spec_from_file_location("golden_weights", golden_path("golden_weights.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    manifest = golden_path(f"weights_{model}.json")
+    seed = json.loads(manifest.read_text())["seed"]
+    return mod.state_dict_from_manifest(str(manifest), seed)
+
+
+def suggested_atol(file: str, array: str) -> float:
+    """The golden README's tolerance (10x observed float32-vs-float64 error)."""
+    man = json.loads(golden_path("manifest.json").read_text())
+    if not file.endswith(".npz"):
+        file += ".npz"
+    try:
+        return float(man["tolerance_f32_vs_f64"][file][array]["suggested_atol"])
+    except KeyError:
+        raise KeyError(f"no tolerance row for {file}:{array} in manifest.json") from None
+
+
+def assert_summarised_close(g: dict, name: str, actual_nchw: np.ndarray, atol: float, mean_atol: float | None = None):
+    """Compare an output the golden set stores summarised (sample values + channel means)."""
+    actual_nchw = np.asarray(actual_nchw)
+    assert tuple(actual_nchw.shape) == tuple(g[name + "__shape"]), (actual_nchw.shape, g[name + "__shape"])
+    flat = actual_nchw.reshape(-1)
+    np.testing.assert_allclose(flat[g[name + "__sample_index"]], g[name + "__sample_value"], rtol=0, atol=atol,
+                               err_msg=f"{name}: sampled values")
+    means = actual_nchw.astype(np.float64).mean(axis=(2, 3))
+    np.testing.assert_allclose(means, g[name + "__channel_mean"], rtol=0,
+                               atol=atol if mean_atol is None else mean_atol, err_msg=f"{name}: channel means")
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> pathlib.Path:
+    if not (SHARED / "data").is_dir():
+        pytest.skip(f"../shared/data not found beside the checkout ({SHARED}); real-data tests need it")
+    return SHARED
