@@ -12,6 +12,11 @@ import pathlib
 # Multi-device tests use fake CPU devices; must be set before jax initialises.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Many tests (and the subprocesses of the resume / multi-process tests) compile the
+# same programs: a persistent cache turns repeats into loads.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".pytest_cache", "jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -1,0 +1,53 @@
+"""ArcFace baseline on RGB faces (the paper's "RGB" row).
+
+Paper setting (``ir50``/``ir18``): IR backbone, ArcFace s=64 m=0.5, 512-d,
+batch 64 per device, SGD momentum 0.9, weight decay 5e-4 (not on BN/PReLU/bias),
+LR 0.1 divided by 10 at epochs 10, 18, 22 of 24. Point ``data`` at a TFace
+tfrecord set (e.g. MS1Mv2):
+
+    python -m ppfr_jax.main --config configs/arcface.py:ir50 --workdir runs/arcface_ir50 \
+        --config.data.source=tfrecord --config.data.path=/data/ms1m --config.data.index=/data/ms1m.txt
+
+Expected (IR-50, MS1Mv2, 8 GPUs): LFW 99.77, CFP-FP 98.30, AgeDB 97.88 (SPEC section 5).
+
+``demo``: a tiny IR on the embedded LFW demo set, about 10 minutes on a
+2-core CPU; prints the DevTest verification accuracy (see bench/RESULTS.md):
+
+    python -m ppfr_jax.main --config configs/arcface.py:demo --workdir runs/arcface_demo
+"""
+from ppfr_jax import config_lib
+
+
+def get_config(arg=None):
+    a = config_lib.parse_arg(arg, ir18=False, ir50=False, ir100=False, mobilefacenet=False, demo=False, tiny=False,
+                             steps=0, fd=False)
+    c = config_lib.base_config()
+    c.task = "arcface"
+    c.model.input = "dct" if a.fd else "rgb"
+    c.model.backbone = "ir50" if a.ir50 else "ir100" if a.ir100 else "mobilefacenet" if a.mobilefacenet else "ir18"
+    if a.demo or a.tiny:
+        c.data.source = "demo"
+        c.model.backbone = "ir_tiny"
+        c.model.embedding_size = 128
+        c.model.dropout = 0.0
+        c.batch_size_per_device = 0
+        c.batch_size = 64
+        c.num_epochs = 20.0
+        c.optim.boundaries_epochs = (12, 17)
+        c.optim.warmup_epochs = 1.0
+        c.head.scale = 32.0
+        c.head.margin = 0.3
+        c.log_every_steps = 20
+        c.checkpoint_every_steps = 200
+        c.eval.every_steps = 200
+    if a.tiny:  # seconds, for tests
+        c.data.source = "synthetic"
+        c.data.num_classes = 10
+        c.batch_size = 8
+        c.num_train_steps = 4
+        c.eval.pairs = ""
+        c.log_every_steps = 2
+        c.checkpoint_every_steps = 2
+    if a.steps:
+        c.num_train_steps = a.steps
+    return c

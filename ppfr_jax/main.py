@@ -1,0 +1,27 @@
+"""Command line: ``python -m ppfr_jax.main --config configs/arcface.py:demo --workdir runs/x``.
+
+Also installed as ``ppfr-train``. Overrides: ``--config.num_train_steps=100``.
+"""
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "configs/<experiment>.py[:variant,...]", lock_config=True)
+flags.DEFINE_string("workdir", None, "where checkpoints, TensorBoard summaries and results.json go")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from ppfr_jax import train
+    logging.set_verbosity(logging.WARNING)
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+def run():
+    app.run(_main)
+
+
+if __name__ == "__main__":
+    run()

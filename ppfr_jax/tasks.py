@@ -1,0 +1,144 @@
+"""Training tasks: what a step computes, independent of how it is run.
+
+A task owns its Linen modules and exposes pure functions the engine
+(``ppfr_jax.train``) jits and shards:
+
+* ``init(rng, images, labels) -> variables`` with collections ``params``,
+  ``batch_stats`` and ``head_state``, each a dict keyed by component
+  (``backbone``, ``head``, ...);
+* ``loss(params, model_state, batch, rng, train) -> (loss, (metrics, new_model_state))``;
+* ``embed(variables, images) -> (B, D)`` embeddings for verification;
+* ``param_group(path) -> str``: the optimiser group of a parameter
+  (``'default'``, ``'frozen'`` or a name in ``config.optim.lr_multipliers``).
+
+``RecognitionTask`` is the ArcFace baseline (RGB, or all 192 DCT channels
+for ArcFace-FD); DuetFace and MinusFace subclass it.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from ppfr_jax import frequency, heads, losses
+
+TASKS: dict[str, Callable[..., "RecognitionTask"]] = {}
+
+
+def register(name):
+    def deco(cls):
+        TASKS[name] = cls
+        return cls
+    return deco
+
+
+def build_backbone(name: str, embedding_size: int = 512, dropout: float = 0.4, dtype=jnp.float32):
+    """Backbone registry (lazy imports keep this module light)."""
+    from ppfr_jax.models import iresnet, mobilefacenet
+    table = {
+        "ir18": iresnet.IR18, "ir34": iresnet.IR34, "ir50": iresnet.IR50, "ir100": iresnet.IR100,
+        "irse50": iresnet.IRSE50, "ir_tiny": iresnet.IR_TINY,
+        "mobilefacenet": mobilefacenet.MobileFaceNet,
+        "mobilefacenet_tiny": getattr(mobilefacenet, "MobileFaceNetTiny", mobilefacenet.MobileFaceNet),
+    }
+    if name not in table:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(table)}")
+    kw = dict(embedding_size=embedding_size, dtype=dtype)
+    if name.startswith("ir"):
+        kw["dropout"] = dropout
+    return table[name](**kw)
+
+
+def normalise_images(images):
+    """uint8 [0, 255] -> float32 [-1, 1]; float input is taken as already normalised."""
+    if images.dtype == jnp.uint8:
+        return images.astype(jnp.float32) / 127.5 - 1.0
+    return images.astype(jnp.float32)
+
+
+@register("arcface")
+class RecognitionTask:
+    """Backbone + margin head, on RGB (ArcFace) or on 192 DCT channels (ArcFace-FD)."""
+
+    def __init__(self, config: ml_collections.ConfigDict, num_classes: int, padded_classes: int | None = None):
+        self.config = config
+        self.num_classes = num_classes
+        self.dtype = jnp.bfloat16 if config.get("half_precision", False) else jnp.float32
+        m = config.model
+        self.backbone = build_backbone(m.backbone, m.embedding_size, m.get("dropout", 0.4), self.dtype)
+        h = config.head
+        self.head = heads.MarginHead(
+            num_classes=num_classes, kind=h.kind, scale=h.scale, margin=h.get("margin", None),
+            padded_classes=padded_classes, sample_rate=h.get("sample_rate", 1.0))
+
+    # -- input ---------------------------------------------------------------------------------
+    def model_input(self, images, rng=None):
+        """What the backbone sees: normalised RGB, or its DCT channels."""
+        x = normalise_images(images)
+        if self.config.model.input == "dct":
+            x = frequency.dct_transform(x)
+        return x.astype(self.dtype)
+
+    # -- pure functions --------------------------------------------------------------------------
+    def init(self, rng, images, labels):
+        r_b, r_h = jax.random.split(rng)
+        x = self.model_input(images)
+        bb = self.backbone.init({"params": r_b, "dropout": r_b}, x, train=False)
+        emb = self.backbone.apply(bb, x, train=False)
+        hd = self.head.init({"params": r_h, "sample": r_h}, emb, labels)
+        variables = {"params": {"backbone": bb["params"], "head": hd["params"]},
+                     "batch_stats": {"backbone": bb.get("batch_stats", {})}}
+        if "head_state" in hd:
+            variables["head_state"] = {"head": hd["head_state"]}
+        return variables
+
+    def features(self, params, model_state, images, rng, train):
+        x = self.model_input(images, rng)
+        out, upd = self.backbone.apply(
+            {"params": params["backbone"], "batch_stats": model_state["batch_stats"]["backbone"]},
+            x, train=train, rngs={"dropout": rng}, mutable=["batch_stats"])
+        new_state = {**model_state, "batch_stats": {**model_state["batch_stats"], "backbone": upd["batch_stats"]}}
+        return out, new_state
+
+    def loss(self, params, model_state, batch, rng, train=True):
+        r_f, r_h = jax.random.split(rng)
+        emb, new_state = self.features(params, model_state, batch["image"], r_f, train)
+        head_vars = {"params": params["head"]}
+        if "head_state" in model_state:
+            head_vars["head_state"] = model_state["head_state"]["head"]
+        (logits, _), hs = self.head.apply(head_vars, emb.astype(jnp.float32), batch["label"], train=train,
+                                          rngs={"sample": r_h}, mutable=["head_state"])
+        if "head_state" in model_state:
+            new_state = {**new_state, "head_state": {"head": hs["head_state"]}}
+        loss = losses.softmax_cross_entropy(logits, batch["label"])
+        metrics = {"loss": loss, "accuracy": losses.top1_accuracy(logits, batch["label"])}
+        return loss, (metrics, new_state)
+
+    def embed(self, variables, images):
+        x = self.model_input(images)
+        return self.backbone.apply({"params": variables["params"]["backbone"],
+                                    "batch_stats": variables["batch_stats"]["backbone"]}, x, train=False)
+
+    def param_group(self, path: tuple[str, ...]) -> str:
+        return "default"
+
+    def decays(self, path: tuple[str, ...]) -> bool:
+        """Weight decay on conv/linear kernels only (not BatchNorm, PReLU or biases)."""
+        return path[-1] == "kernel"
+
+
+def make_task(config, num_classes: int, padded_classes: int | None = None) -> RecognitionTask:
+    name = config.get("task", "arcface")
+    if name not in TASKS:
+        # tasks living in other modules register on import
+        for mod in ("ppfr_jax.models.duetface", "ppfr_jax.models.minusface"):
+            try:
+                __import__(mod)
+            except ImportError:
+                pass
+    if name not in TASKS:
+        raise ValueError(f"config.task: unknown task {name!r}; known: {sorted(TASKS)}")
+    return TASKS[name](config, num_classes, padded_classes)

@@ -1,0 +1,214 @@
+"""Training engine: sharded == single-device, resume, restore on another mesh, bad configs, NaN stop.
+
+Tiny IR on synthetic data (deterministic per step) so each case runs in seconds.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from ppfr_jax import config_lib, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "configs"))
+import arcface  # noqa: E402
+
+
+def tiny_config(**over):
+    c = arcface.get_config("tiny")
+    c.data.num_classes = 13  # divides neither 8 nor 4 devices: exercises class padding
+    for k, v in over.items():
+        node = c
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = v
+    return c
+
+
+def run_steps(config, mesh, n, rng_seed=0):
+    setup = train.build(config, config.data.num_classes, 1000, mesh)
+    state = train.init_state(setup, jax.random.key(rng_seed))
+    step = train.compile_train_step(setup)
+    src = train.synthetic_batches(config, setup.global_batch, 0, config.data.num_classes)
+    losses = []
+    for _ in range(n):
+        state, m = step(state, train.make_global_batch(next(src), mesh), jax.random.key(1))
+        losses.append(float(m["loss"]))
+    return setup, state, losses
+
+
+def test_sharded_step_matches_single_device():
+    assert jax.device_count() == 8, "conftest sets 8 fake CPU devices"
+    c = tiny_config()
+    one = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+    eight = Mesh(np.asarray(jax.devices()).reshape(4, 2), ("data", "model"))
+    c8 = tiny_config(**{"mesh.model": 2})
+    _, s1, l1 = run_steps(c, one, 2)
+    setup8, s8, l8 = run_steps(c8, eight, 2)
+    # the head's class axis really is split over all 8 devices
+    kernel = s8.params["head"]["kernel"]
+    assert kernel.shape[1] == 128 and len({d for d in kernel.sharding.device_set}) == 8
+    assert kernel.addressable_shards[0].data.shape[1] == 16
+    # float32 sums in a different order (batch split over devices, cross-device reductions)
+    np.testing.assert_allclose(l8, l1, rtol=1e-5)
+    p1, p8 = jax.device_get(s1.params), jax.device_get(s8.params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), p1, p8)
+
+
+def test_bad_configs_name_the_field(tmp_path):
+    cases = {
+        "model.backbone": ("model.backbone", "resnet9000"),
+        "optim.lr": ("optim.lr", -0.1),
+        "batch_size": ("batch_size", 12),
+        "data.path": ("data.source", "tfrecord"),
+    }
+    for field, (k, v) in cases.items():
+        c = tiny_config(**{k: v})
+        with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+            config_lib.validate(c, 8)
+
+
+def test_end_to_end_writes_results_and_resumes(tmp_path):
+    c = tiny_config()
+    wd = str(tmp_path / "run")
+    r = train.train_and_evaluate(c, wd)
+    assert r["steps"] == 4
+    res = json.load(open(os.path.join(wd, "results.json")))
+    for k in ("config", "steps", "wall_s", "devtest_accuracy", "devtest_std"):
+        assert k in res
+    # a second call finds the final checkpoint and does no more work
+    c2 = tiny_config(num_train_steps=6)
+    r2 = train.train_and_evaluate(c2, wd)
+    assert r2["steps"] == 6
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoints(tmp_path):
+    wd = str(tmp_path / "nan")
+    train.train_and_evaluate(tiny_config(), wd)  # 4 good steps, checkpoints at 2 and 4
+    before = sorted(os.listdir(os.path.join(wd, "checkpoints")))
+    c = tiny_config(num_train_steps=8, **{"optim.lr": 1e30})
+    with pytest.raises(train.NonFiniteLossError, match="step"):
+        train.train_and_evaluate(c, wd)
+    mngr = train.checkpoint_manager(wd, c)
+    assert mngr.latest_step() == 4
+    assert set(before) <= set(os.listdir(os.path.join(wd, "checkpoints")))
+
+
+def test_checkpoint_from_8_devices_restores_on_4(tmp_path):
+    c = tiny_config()
+    eight = Mesh(np.asarray(jax.devices()).reshape(8, 1), ("data", "model"))
+    setup8, s8, _ = run_steps(c, eight, 1)
+    mngr = train.checkpoint_manager(str(tmp_path), c)
+    train.save_checkpoint(mngr, s8, {"step": 1})
+    mngr.wait_until_finished()
+    four = Mesh(np.asarray(jax.devices()[:4]).reshape(4, 1), ("data", "model"))
+    setup4 = train.build(c, c.data.num_classes, 1000, four)
+    restored, meta = train.restore_checkpoint(train.checkpoint_manager(str(tmp_path), c), setup4.abstract_state)
+    assert meta["step"] == 1
+    k = restored.params["head"]["kernel"]
+    assert len(k.sharding.device_set) == 4
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 jax.device_get(s8.params), jax.device_get(restored.params))
+
+
+_CHILD = textwrap.dedent("""
+    import os, sys, json
+    sys.path.insert(0, {configs!r})
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    import jax
+    jax.config.update("jax_default_matmul_precision", "highest")
+    {dist}
+    import arcface
+    from ppfr_jax import train
+    c = arcface.get_config("tiny")
+    c.data.num_classes = 13
+    c.num_train_steps = {steps}
+    c.checkpoint_every_steps = 1
+    c.log_every_steps = 1
+    r = train.train_and_evaluate(c, {workdir!r})
+    if jax.process_index() == 0:
+        mngr = train.checkpoint_manager({workdir!r}, c)
+        print("DONE", r["steps"])
+""")
+
+
+def _child(workdir, steps, dist=""):
+    return [sys.executable, "-c", _CHILD.format(configs=os.path.join(ROOT, "configs"), workdir=workdir,
+                                                steps=steps, dist=dist)]
+
+
+def _params(workdir):
+    c = tiny_config()
+    mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+    setup = train.build(c, 13, 1000, mesh)
+    state, _ = train.restore_checkpoint(train.checkpoint_manager(workdir, c), setup.abstract_state)
+    return jax.device_get(state.params)
+
+
+def _env():
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def test_sigkill_and_resume_matches_uninterrupted(tmp_path):
+    steps = 6
+    ref = str(tmp_path / "ref")
+    subprocess.run(_child(ref, steps), check=True, env=_env(), capture_output=True, timeout=600)
+    wd = str(tmp_path / "killed")
+    # kill as soon as the checkpoint of step 3 is on disk
+    p = subprocess.Popen(_child(wd, steps), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    import time
+    t0 = time.time()
+    while time.time() - t0 < 300:
+        d = os.path.join(wd, "checkpoints")
+        if os.path.isdir(d) and any(x.isdigit() and int(x) >= 3 for x in os.listdir(d)):
+            break
+        if p.poll() is not None:
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    steps_on_disk = [int(x) for x in os.listdir(os.path.join(wd, "checkpoints")) if x.isdigit()]
+    assert steps_on_disk and max(steps_on_disk) < steps, f"run was not interrupted: {steps_on_disk}"
+    out = subprocess.run(_child(wd, steps), env=_env(), capture_output=True, text=True, timeout=600)
+    assert "DONE 6" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+    a, b = _params(ref), _params(wd)
+    # same program, same data, same devices: bit-for-bit on CPU
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), a, b)
+
+
+def test_two_processes_agree_with_one(tmp_path):
+    steps = 2
+    one = str(tmp_path / "one")
+    env = _env()
+    subprocess.run(_child(one, steps), check=True, env=env, capture_output=True, timeout=600)
+    two = str(tmp_path / "two")
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    procs = []
+    for pid in range(2):
+        dist = (f"jax.config.update('jax_cpu_collectives_implementation', 'gloo'); "
+                f"jax.distributed.initialize('127.0.0.1:{port}', num_processes=2, process_id={pid})")
+        # one device per process, so the global mesh (2 devices) matches the single-process run
+        cmd = _child(two, steps, dist)
+        cmd[-1] = cmd[-1].replace("device_count=2", "device_count=1")
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+    a, b = _params(one), _params(two)
+    # 2 processes x 1 device vs 1 process x 2 devices: the same global computation
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
