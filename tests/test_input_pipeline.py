@@ -1,0 +1,342 @@
+"""Training input pipeline (ppfr_jax.input_pipeline): sources, TFace format, order, bad data."""
+import io
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+tf = pytest.importorskip("tensorflow")
+
+from ppfr_jax import input_pipeline as ip  # noqa: E402
+
+S = 16  # tiny images keep every test fast
+
+
+def _jpeg(rng, size=S):
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """3 identities x 5 images + side landmarks (3 points each)."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "faces"
+    paths, lms = [], []
+    for name in ("carol", "alice", "bob"):
+        (root / name).mkdir(parents=True)
+        for i in range(5):
+            (root / name / f"{i}.jpg").write_bytes(_jpeg(rng))
+            paths.append(f"{name}/{i}.jpg")
+            lms.append(rng.uniform(0.1, 0.9, (3, 2)))
+    np.savez(tmp_path / "lm.npz", paths=np.array(paths), landmarks=np.array(lms, np.float32))
+    return root, tmp_path / "lm.npz"
+
+
+@pytest.fixture
+def records(folder, tmp_path):
+    root, lm = folder
+    out = ip.image_folder_to_tface(root, tmp_path / "tfr", "TFR-tiny", landmarks=lm, shard_size=6)
+    return out
+
+
+def _it(src, **kw):
+    kw.setdefault("global_batch", 4)
+    kw.setdefault("image_size", (S, S))
+    kw.setdefault("process_index", 0)
+    kw.setdefault("process_count", 1)
+    return ip.TrainIterator(src, **kw)
+
+
+def _take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+# ----------------------------------------------------------------------------- sources and format
+
+
+def test_image_folder_labels_sorted(folder):
+    root, _ = folder
+    src = ip.image_folder_source(root)
+    assert src.class_names == ["alice", "bob", "carol"] and src.num_classes == 3 and len(src) == 15
+    assert [os.path.basename(os.path.dirname(f)) for f in src.files[:5]] == ["alice"] * 5
+    np.testing.assert_array_equal(src.labels, np.repeat([0, 1, 2], 5))
+
+
+def test_converter_writes_tface_format(records, folder):
+    root, _ = folder
+    # training index: name, shard, offset, label (tab separated), 6 records per shard
+    lines = open(records["index"]).read().splitlines()
+    assert len(lines) == 15 and lines[0].split("\t") == ["TFR-tiny", "0", "0", "0"]
+    assert lines[6].split("\t")[1:3] == ["1", "0"]
+    assert sorted(os.listdir(records["dir"])) == ["TFR-tiny-00000.tfrecord", "TFR-tiny-00001.tfrecord",
+                                                   "TFR-tiny-00002.tfrecord", "TFR-tiny.index"]
+    assert open(records["map"]).readline().split("\t") == ["alice/0.jpg", "0", "0\n"]
+    # TF's own sequential reader sees the same records at the offsets we index (framing = len + 16)
+    src = ip.tface_source(records["index"])
+    assert src.record_landmarks == 3 and src.num_classes == 3
+    seq = [r.numpy() for r in tf.data.TFRecordDataset(src.files[0])]
+    assert [src.read_bytes(i) for i in range(6)] == seq
+    # ...and each Example holds the original file bytes under "image" (TFace's reader key)
+    ex = tf.train.Example.FromString(src.read_bytes(7)).features.feature
+    assert ex["image"].bytes_list.value[0] == (root / "bob" / "2.jpg").read_bytes()  # alice 0-4, bob 0-4
+
+
+def test_three_field_index(records, tmp_path):
+    src4 = ip.tface_source(records["index"])
+    idx3 = tmp_path / "three.txt"
+    with open(idx3, "w") as f:
+        for i in range(len(src4)):
+            f.write(f"tfr/TFR-tiny/{os.path.basename(src4.files[src4.file_id[i]])} {src4.offsets[i]} "
+                    f"{src4.labels[i]}\n")
+    src3 = ip.tface_source(idx3)
+    assert [src3.read_bytes(i) for i in range(15)] == [src4.read_bytes(i) for i in range(15)]
+
+
+def test_crc32c_known_value():
+    assert ip.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+
+
+# ----------------------------------------------------------------------------- order, resume, hosts
+
+
+def test_deterministic_resumable_and_epoch_covering(records):
+    src = ip.tface_source(records["index"])
+    a = _take(_it(src, seed=3), 6)
+    b = _take(_it(src, seed=3), 6)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x["image"], y["image"])
+        np.testing.assert_array_equal(x["label"], y["label"])
+    c = _take(_it(src, seed=4), 3)
+    assert any(not np.array_equal(x["image"], y["image"]) for x, y in zip(a, c))
+    # resume at step 4 == steps 4, 5 of the uninterrupted run
+    r = _it(src, seed=3, start_step=4)
+    for k in (4, 5):
+        np.testing.assert_array_equal(next(r)["image"], a[k]["image"])
+    assert r.state()["step"] == 6
+    # an epoch (3 batches of 4 out of 15) visits distinct records
+    it = _it(src, seed=3)
+    assert it.steps_per_epoch == 3
+    ep = np.concatenate([it.batch_indices(s) for s in range(3)])
+    assert len(set(ep.tolist())) == 12
+
+
+def test_hosts_split_the_global_batch(records):
+    src = ip.tface_source(records["index"])
+    one = _take(_it(src, seed=1, global_batch=6), 2)
+    h0 = _take(_it(src, seed=1, global_batch=6, process_index=0, process_count=2), 2)
+    h1 = _take(_it(src, seed=1, global_batch=6, process_index=1, process_count=2), 2)
+    for g, x, y in zip(one, h0, h1):
+        assert x["image"].shape[0] == 3
+        np.testing.assert_array_equal(np.concatenate([x["image"], y["image"]]), g["image"])
+        np.testing.assert_array_equal(np.concatenate([x["label"], y["label"]]), g["label"])
+    with pytest.raises(ValueError, match="multiple"):
+        _it(src, global_batch=5, process_count=2)
+
+
+# ----------------------------------------------------------------------------- decoding, flip, landmarks
+
+
+def test_normalisation_flip_and_landmarks(records, folder):
+    src = ip.tface_source(records["index"])
+    raw = _take(_it(src, seed=7, flip=False, with_landmarks=True, output_dtype="uint8"), 3)
+    flo = _take(_it(src, seed=7, flip=False, with_landmarks=True), 3)
+    fl = _take(_it(src, seed=7, flip=True, with_landmarks=True), 3)
+    n_flipped = 0
+    for r, f0, f1 in zip(raw, flo, fl):
+        assert r["image"].dtype == np.uint8 and f0["image"].dtype == np.float32
+        np.testing.assert_allclose(f0["image"], r["image"] / 127.5 - 1.0, atol=1e-6)
+        assert f0["image"].min() >= -1 and f0["image"].max() <= 1
+        assert f0["landmarks"].shape == (4, 3, 2)
+        for i in range(4):
+            if np.array_equal(f1["image"][i], f0["image"][i]):
+                np.testing.assert_array_equal(f1["landmarks"][i], f0["landmarks"][i])
+            else:
+                n_flipped += 1
+                np.testing.assert_array_equal(f1["image"][i], f0["image"][i][:, ::-1])
+                np.testing.assert_allclose(f1["landmarks"][i, :, 0], 1 - f0["landmarks"][i, :, 0], atol=1e-6)
+                np.testing.assert_array_equal(f1["landmarks"][i, :, 1], f0["landmarks"][i, :, 1])
+    assert 0 < n_flipped < 12
+    # decoding matches PIL bit for bit (evaluation decodes with PIL)
+    root, lm = folder
+    i0 = _it(src, seed=7).batch_indices(0)[0]
+    ex = tf.train.Example.FromString(src.read_bytes(int(i0))).features.feature
+    pil = np.asarray(Image.open(io.BytesIO(ex["image"].bytes_list.value[0])).convert("RGB"))
+    np.testing.assert_array_equal(raw[0]["image"][0], pil)
+    # the record's landmarks are the side file's
+    with np.load(lm) as z:
+        table = dict(zip(z["paths"], z["landmarks"]))
+    key = open(records["map"]).read().splitlines()[i0].split("\t")[0]
+    np.testing.assert_allclose(raw[0]["landmarks"][0], table[key])
+
+
+def test_image_folder_with_side_landmarks_and_resize(folder):
+    root, lm = folder
+    src = ip.image_folder_source(root, landmarks=lm)
+    b = next(_it(src, with_landmarks=True, flip=False, image_size=(8, 8)))
+    assert b["image"].shape == (4, 8, 8, 3) and b["landmarks"].shape == (4, 3, 2)
+    b = next(_it(src, output_dtype="bfloat16"))
+    assert str(b["image"].dtype) == "bfloat16"
+    with pytest.raises(ValueError, match="no landmarks"):
+        _it(ip.image_folder_source(root), with_landmarks=True)
+
+
+def test_make_global_batch():
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    local = {"image": np.zeros((len(jax.devices()) * 2, 4, 4, 3), np.float32),
+             "label": np.arange(len(jax.devices()) * 2, dtype=np.int32)}
+    g = ip.make_global_batch(local, NamedSharding(mesh, P("data")))
+    assert g["image"].shape == local["image"].shape
+    assert len(g["label"].addressable_shards) == len(jax.devices())
+    np.testing.assert_array_equal(np.asarray(g["label"]), local["label"])
+
+
+def test_demo_set_through_the_pipeline():
+    from ppfr_jax.demo_data import demo_paths
+    p = demo_paths()
+    src = ip.tface_source(p["train_index"], p["train_root"])
+    assert len(src) == 2729 and src.num_classes == 115 and src.record_landmarks == 98
+    b = next(_it(src, global_batch=8, image_size=(112, 112), with_landmarks=True))
+    assert b["image"].shape == (8, 112, 112, 3) and b["landmarks"].shape == (8, 98, 2)
+    # Normalised to the crop, not clipped: the jaw contour often runs past the 112x112 crop's bottom.
+    assert -0.25 < b["landmarks"].min() and b["landmarks"].max() < 1.25
+
+
+def test_train_source_from_config():
+    import ml_collections
+    cfg = ml_collections.ConfigDict(dict(seed=0, data=dict(source="demo", path="", index="", flip=True,
+                                                          skip_bad=False, landmarks=True)))
+    it, n_cls, n = ip.train_source(cfg, 8, 5)
+    b = next(it)
+    assert n_cls == 115 and n == 2729 and it.step == 6
+    assert b["image"].dtype == np.uint8 and b["label"].dtype == np.int32 and b["landmarks"].shape == (8, 98, 2)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_empty_identity_folder(folder):
+    root, _ = folder
+    (root / "dave").mkdir()
+    with pytest.raises(ip.BadRecordError, match=r"faces/dave: identity folder contains no images"):
+        ip.image_folder_source(root)
+    src = ip.image_folder_source(root, skip_bad=True)
+    assert src.num_classes == 3 and len(src.problems) == 1
+    assert len(_it(src).skipped) == 1
+
+
+def test_corrupt_jpeg_names_the_file(folder):
+    root, _ = folder
+    bad = root / "bob" / "2.jpg"
+    bad.write_bytes(bad.read_bytes()[:40])  # truncated JPEG
+    src = ip.image_folder_source(root)
+    it = _it(src, seed=0)
+    step = next(s for s in range(3) if src.files.index(str(bad)) in it.batch_indices(s))
+    for _ in range(step):
+        next(it)
+    with pytest.raises(ip.BadRecordError, match=rf"step {step}:\n.*bob/2.jpg: cannot decode"):
+        next(it)
+    # opt-in skip: full batches continue, the bad file is counted once
+    it = _it(src, seed=0, skip_bad=True)
+    batches = _take(it, 6)
+    assert all(b["image"].shape == (4, S, S, 3) for b in batches)
+    assert len(it.skipped) == 1 and "bob/2.jpg" in it.skipped[0]
+    # the substitute is the next record in source order: same identity here
+    assert src.labels[it._remap[src.files.index(str(bad))]] == src.labels[src.files.index(str(bad))]
+
+
+def test_corrupt_jpeg_inside_a_record(folder, tmp_path):
+    root, _ = folder
+    bad = root / "alice" / "0.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 60)
+    out = ip.image_folder_to_tface(root, tmp_path / "r2", "TFR-b", skip_bad=True)
+    assert out["skipped"] == "1" and out["count"] == "14"
+    with pytest.raises(ip.BadRecordError, match="alice/0.jpg: cannot decode"):
+        ip.image_folder_to_tface(root, tmp_path / "r3", "TFR-c")
+    # a record written with a bad image anyway is named by shard, offset and index line
+    recs = [("a", b"\xff\xd8junk", 0, None)] + [(f"k{i}", _jpeg(np.random.default_rng(i)), 0, None) for i in range(5)]
+    w = ip.write_tface_records(recs, tmp_path / "r4", "TFR-d")
+    src = ip.tface_source(w["index"])
+    it = _it(src, seed=0, shuffle=False)
+    with pytest.raises(ip.BadRecordError, match=r"TFR-d-00000.tfrecord offset 0 \(.*TFR-d.txt line 1\): cannot decode"):
+        next(it)
+
+
+def test_truncated_tfrecord(records):
+    shard = os.path.join(records["dir"], "TFR-tiny-00002.tfrecord")
+    size = os.path.getsize(shard)
+    with open(shard, "r+b") as f:
+        f.truncate(size - 10)
+    lines = open(records["index"]).read().splitlines()
+    last_off = lines[-1].split("\t")[2]
+    with pytest.raises(ip.BadRecordError, match=rf"TFR-tiny.txt line 15: record at offset {last_off} of shard "
+                                                r".*TFR-tiny-00002.tfrecord is truncated"):
+        ip.tface_source(records["index"])
+    src = ip.tface_source(records["index"], skip_bad=True)
+    assert len(src) == 14 and len(src.problems) == 1
+    # without the listing check, the read itself names shard, offset and line
+    src = ip.tface_source(records["index"], check_headers=False)
+    with pytest.raises(ip.BadRecordError, match=rf"offset {last_off} is truncated.*line 15"):
+        src.read_bytes(14)
+    it = _it(src, seed=0, shuffle=False, global_batch=5)
+    next(it), next(it)
+    with pytest.raises(ip.BadRecordError, match=rf"TFR-tiny-00002.tfrecord: record at offset {last_off} is truncated"):
+        next(it)
+
+
+def test_index_line_past_shard_end(records):
+    lines = open(records["index"]).read().splitlines()
+    f = lines[3].split("\t")
+    lines[3] = "\t".join([f[0], f[1], "999999", f[3]])
+    open(records["index"], "w").write("\n".join(lines) + "\n")
+    with pytest.raises(ip.BadRecordError, match=r"TFR-tiny.txt line 4: offset 999999 points past the end of shard"):
+        ip.tface_source(records["index"])
+    src = ip.tface_source(records["index"], skip_bad=True)
+    assert len(src) == 14 and "line 4" in src.problems[0]
+
+
+def test_index_offset_not_at_a_record(records):
+    lines = open(records["index"]).read().splitlines()
+    f = lines[2].split("\t")
+    lines[2] = "\t".join([f[0], f[1], str(int(f[2]) + 3), f[3]])
+    open(records["index"], "w").write("\n".join(lines) + "\n")
+    with pytest.raises(ip.BadRecordError, match=r"line 3: .*is not the start of a TFRecord record"):
+        ip.tface_source(records["index"])
+
+
+def test_malformed_index_lines(records, tmp_path):
+    p = tmp_path / "x.txt"
+    p.write_text("TFR-tiny\t0\t0\t0\nTFR-tiny\t0\tzero\t0\n")
+    with pytest.raises(ip.BadRecordError, match=r"x.txt line 2"):
+        ip.tface_source(p)
+    p.write_text("TFR-nope\t0\t0\t0\n")
+    with pytest.raises(ip.BadRecordError, match=r"x.txt line 1: shard .*TFR-nope-00000.tfrecord not found"):
+        ip.tface_source(p)
+
+
+# ----------------------------------------------------------------------------- TFDS
+
+
+def test_tfds_source(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    rng = np.random.default_rng(0)
+    ds = tf.data.Dataset.from_tensor_slices({"image": rng.integers(0, 255, (24, S, S, 3), dtype=np.uint8),
+                                             "label": np.arange(24) % 4})
+    try:
+        b = tfds.dataset_builders.TfDataBuilder(
+            name="ppfr_tiny", config="c", version="1.0.0", data_dir=str(tmp_path), split_datasets={"train": ds},
+            features=tfds.features.FeaturesDict({"image": tfds.features.Image(shape=(S, S, 3)),
+                                                 "label": tfds.features.ClassLabel(num_classes=4)}))
+        b.download_and_prepare()
+    except Exception as e:  # e.g. a TFDS install missing its optional dependencies
+        pytest.skip(f"cannot build a local TFDS dataset here: {type(e).__name__}: {e}")
+    kw = dict(data_dir=str(tmp_path), global_batch=4, image_size=(S, S), process_count=1, process_index=0)
+    it = ip.TfdsIterator("ppfr_tiny/c", "train", seed=1, **kw)
+    a = _take(it, 4)
+    assert it.num_classes == 4 and it.dataset_size == 24 and a[0]["image"].shape == (4, S, S, 3)
+    r = ip.TfdsIterator("ppfr_tiny/c", "train", seed=1, start_step=2, **kw)
+    np.testing.assert_array_equal(next(r)["image"], a[2]["image"])
