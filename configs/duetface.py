@@ -1,0 +1,109 @@
+"""DuetFace: client warm-up (``client``), then server training with the client frozen (``server``).
+
+Paper setting (``ir18``, default, or ``ir50``), from the reference's
+``tasks/duetface/train.yaml``: DCT channels split by ``SUB_CHS`` (30 client,
+162 server); client MobileFaceNet (30 -> 64 input conv, 512-d); server IR on
+the 162 channels with an interactive block after each stage; ArcFace s=64
+m=0.5, batch 64 per device, SGD momentum 0.9, weight decay 5e-4, LR 0.1
+divided by 10 at epochs 10, 18, 22 of 24, for each of the two runs. The ROI
+comes from a frozen PFLD landmark detector (the reference's checkpoint,
+``pfld=<path to .pth>``; ``roi=dataset`` reads landmarks stored in the
+training records instead, ``roi=template`` uses a constant face hull)::
+
+    python -m ppfr_jax.main --config configs/duetface.py:client,ir50 --workdir runs/duetface_client_ir50 \\
+        --config.data.source=tfrecord --config.data.path=/data/ms1m --config.data.index=/data/ms1m.txt
+    python -m ppfr_jax.main --config configs/duetface.py:server,ir50,pfld=/ckpt/pfld.pth \\
+        --workdir runs/duetface_server_ir50 \\
+        --config.data.source=tfrecord --config.data.path=/data/ms1m --config.data.index=/data/ms1m.txt
+
+(the server run reads the client from ``runs/duetface_client_<size>`` unless
+``client_workdir=...`` is given, and refuses to start without it).
+Expected (server, IR-50, MS1Mv2): LFW 99.82, CFP-FP 97.79, AgeDB 97.93 (SPEC section 5).
+
+``demo``: tiny client and server on the embedded LFW demo set with its stored
+landmarks (``data.landmarks=True``, ROI from the dataset; verification uses
+the template ROI). The 192-channel DCT input makes a step ~3x the RGB demo's
+(client ~2 s, server ~4-6 s per batch of 64 on 2 cores), so the stages are
+short: client 8 epochs (336 steps), server 4 epochs (168 steps). Measured on
+a 2-core CPU shared with other jobs (load 4-15, so slower than a free
+machine): client 27 min -> DevTest 80.0%, server 41 min -> DevTest 80.6%::
+
+    python -m ppfr_jax.main --config configs/duetface.py:client,demo --workdir runs/duetface_client_demo
+    python -m ppfr_jax.main --config configs/duetface.py:server,demo --workdir runs/duetface_server_demo
+
+``tiny``: synthetic data, template ROI, a few steps: for tests
+(``configs/duetface.py:server,tiny,client_workdir=<dir>``).
+"""
+from ppfr_jax import config_lib
+from ppfr_jax.frequency import SUB_CHS
+
+SIZES = ("ir18", "ir50", "demo", "tiny")
+
+
+def get_config(arg=None):
+    a = config_lib.parse_arg(arg, client=False, server=False, ir18=False, ir50=False, demo=False, tiny=False,
+                             steps=0, client_workdir="", roi="", pfld="")
+    if a.client == a.server:
+        raise ValueError(f"configs/duetface.py: pick one stage, 'client' (warm-up) or 'server' (got {arg!r}), e.g. "
+                         f"configs/duetface.py:client,demo then configs/duetface.py:server,demo")
+    if a.ir18 + a.ir50 + a.demo + a.tiny > 1:
+        raise ValueError(f"configs/duetface.py: pick at most one of {SIZES} (got {arg!r})")
+    size = "tiny" if a.tiny else "demo" if a.demo else "ir50" if a.ir50 else "ir18"
+    small = size in ("demo", "tiny")
+
+    c = config_lib.base_config()
+    c.model.input = "dct"
+    client_backbone = "mobilefacenet_tiny" if small else "mobilefacenet"
+    client_embedding = 64 if small else 512
+    client_workdir = a.client_workdir or ("" if size == "tiny" else f"runs/duetface_client_{size}")
+    c.duetface = dict(
+        sub_channels=SUB_CHS,
+        client_backbone=client_backbone,
+        client_embedding_size=client_embedding,
+        client_workdir=client_workdir,  # server: the warm-up run whose client is frozen
+        client_step=0,  # 0 = its latest checkpoint
+        client_command=f"python -m ppfr_jax.main --config configs/duetface.py:client,{size} "
+                       f"--workdir {client_workdir or 'runs/duetface_client_' + size}",
+        roi_source=a.roi or ("template" if size == "tiny" else "dataset" if size == "demo" else "pfld"),
+        eval_roi_source="",  # '' = roi_source, or 'template' when that is 'dataset' (eval sets carry none)
+        pfld_checkpoint=a.pfld,  # roi_source='pfld': reference .pth or a `ppfr-import --model pfld` dir
+    )
+    if a.client:
+        c.task = "duetface_client"
+        c.model.backbone = client_backbone
+        c.model.embedding_size = client_embedding
+    else:
+        c.task = "duetface"
+        c.model.backbone = "ir50" if a.ir50 else "ir_tiny" if small else "ir18"
+
+    if small:
+        c.data.source = "demo"
+        c.data.landmarks = True
+        c.model.dropout = 0.0
+        if a.server:
+            c.model.embedding_size = 128
+        c.batch_size_per_device = 0
+        c.batch_size = 64
+        # a 162/192-channel 112x112 input costs ~3x the RGB demo per step: fewer epochs
+        c.num_epochs = 8.0 if a.client else 4.0
+        c.optim.boundaries_epochs = (5, 7) if a.client else (3,)
+        c.optim.warmup_epochs = 0.5
+        c.head.scale = 32.0
+        c.head.margin = 0.3
+        c.log_every_steps = 20
+        c.checkpoint_every_steps = 100
+        c.eval.every_steps = 0  # verification at the end only
+    if size == "tiny":  # seconds, for tests
+        c.data.source = "synthetic"
+        c.data.landmarks = False
+        c.data.num_classes = 10
+        c.model.embedding_size = 32
+        c.duetface.client_embedding_size = 32
+        c.batch_size = 8
+        c.num_train_steps = 2
+        c.eval.pairs = ""
+        c.log_every_steps = 1
+        c.checkpoint_every_steps = 2
+    if a.steps:
+        c.num_train_steps = a.steps
+    return c
