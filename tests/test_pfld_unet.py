@@ -174,22 +174,20 @@ def test_unet_import_maps_every_generator_tensor(stage1_sd):
 
 
 def _minusface_stage1_forward(generator, gen_vars, recognizer, rec_vars, x_nhwc):
-    """Reference ``MinusBackbone(mode='stage1').forward`` (eval), NHWC.
+    """Reference ``MinusBackbone(mode='stage1').forward`` (eval), NHWC: ``ppfr_jax.models.minusface``.
 
     x in [-1, 1] -> x_up = dct(x); (x_encode_up, latent) = g(x_up);
     x_residue_up = x_up - x_encode_up; x_encode / x_residue = 2 * idct(.) - 1
     (idct clamps to [0, 1]); the recogniser sees the un-clamped 192-channel residue.
     """
-    from ppfr_jax import frequency as F
+    from ppfr_jax.models import minusface
 
-    x_up = F.dct_transform(x_nhwc)
-    x_encode_up, x_latent = generator.apply(gen_vars, x_up)
-    x_residue_up = x_up - x_encode_up
-    x_encode = F.idct_transform(x_encode_up) * 2 - 1
-    x_residue = F.idct_transform(x_residue_up) * 2 - 1
-    x_feature = recognizer.apply(rec_vars, x_residue_up, train=False)
-    return dict(x_up=x_up, x_encode_up=x_encode_up, x_residue_up=x_residue_up, x_latent=x_latent,
-                x_encode=x_encode, x_residue=x_residue, x_feature=x_feature)
+    model = minusface.MinusBackbone(generator=generator, recognizer=recognizer, mode="stage1")
+    variables = {"params": {"generator": gen_vars["params"], "recognizer": rec_vars["params"]},
+                 "batch_stats": {"recognizer": rec_vars["batch_stats"]}}
+    out = model.apply(variables, x_nhwc, train=False)
+    keys = ("x_up", "x_encode_up", "x_residue_up", "x_latent", "x_encode", "x_residue", "x_feature")
+    return {k: out[k] for k in keys}
 
 
 def test_minusface_stage1_matches_reference(stage1_sd):

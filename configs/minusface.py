@@ -1,0 +1,118 @@
+"""MinusFace: stage 1 (generator + recogniser on the residue), stage 2 (recogniser on shuffled X_p), toy.
+
+Paper setting (``ir18``, default, or ``ir50``), from the reference's
+``tasks/minusface/train.yaml``: U-Net generator 64-128-256-512-1024 on the 192
+DCT channels, IR recogniser, ArcFace s=64 m=0.5, 512-d, batch 64 per device,
+SGD momentum 0.9, weight decay 5e-4, LR 0.01 (the yaml's, not ArcFace's 0.1)
+divided by 10 at epochs 10, 18, 22 of 24; stage-1 loss 5 L1 + 1 ArcFace + 0 KL;
+generator LR x0.1 (reference README; the paper says 0.5: set
+``--config.optim.lr_multipliers.generator=0.5``). Two runs, stage 2 reading the
+frozen generator from stage 1's workdir::
+
+    python -m ppfr_jax.main --config configs/minusface.py:stage1,ir50 --workdir runs/minusface_s1_ir50 \\
+        --config.data.source=tfrecord --config.data.path=/data/ms1m --config.data.index=/data/ms1m.txt
+    python -m ppfr_jax.main --config configs/minusface.py:stage2,ir50,stage1_workdir=runs/minusface_s1_ir50 \\
+        --workdir runs/minusface_s2_ir50 \\
+        --config.data.source=tfrecord --config.data.path=/data/ms1m --config.data.index=/data/ms1m.txt
+
+Expected (stage 2, IR-50, MS1Mv2): LFW 99.78, CFP-FP 96.92, AgeDB 97.57 (SPEC section 5).
+
+``num_aug`` (default 3, the yaml's ``NUM_AUG``; 1 for ``demo``/``tiny``): the reference lists every
+training image ``NUM_AUG`` times per epoch (for every TASK, its loader is
+shared), so each epoch shows each face 3 times - in stage 2 with 3 fresh
+shuffles. Here an epoch stays one pass over the data and the schedule is
+stretched instead: ``num_epochs`` and every LR boundary / warm-up are
+multiplied by ``num_aug`` (same number of steps and same LR per step as the
+reference). ``config.minusface.num_aug`` records it; change it with the
+variant argument (``configs/minusface.py:stage2,num_aug=1``), not by
+overriding the field.
+
+``demo``: tiny U-Net (8-16-32-64-128) and tiny IR on the embedded LFW demo
+set, ~5 minutes per stage on a 2-core CPU (see bench/RESULTS.md)::
+
+    python -m ppfr_jax.main --config configs/minusface.py:stage1,demo --workdir runs/minusface_stage1_demo
+    python -m ppfr_jax.main --config configs/minusface.py:stage2,demo --workdir runs/minusface_stage2_demo
+
+(stage 2's ``demo`` reads ``runs/minusface_stage1_demo`` unless
+``stage1_workdir=...`` is given). ``toy``: the U-Net on RGB
+(``configs/minusface.py:toy,demo``). ``tiny``: synthetic data, a few steps, for tests.
+"""
+from ppfr_jax import config_lib
+from ppfr_jax.models.unet import DEFAULT_WIDTHS
+
+DEMO_WIDTHS = (4, 8, 16, 32, 64)
+TINY_WIDTHS = (4, 8, 8, 16, 16)
+
+
+def get_config(arg=None):
+    a = config_lib.parse_arg(arg, stage1=False, stage2=False, toy=False, ir18=False, ir50=False, demo=False,
+                             tiny=False, steps=0, num_aug=0, n_duplicate=1, stage1_workdir="")
+    if a.stage1 + a.stage2 + a.toy > 1:
+        raise ValueError(f"pick one of stage1, stage2, toy (got {arg!r})")
+    mode = "stage2" if a.stage2 else "toy" if a.toy else "stage1"
+    size = "tiny" if a.tiny else "demo" if a.demo else "ir50" if a.ir50 else "ir18"
+
+    c = config_lib.base_config()
+    c.task = f"minusface_{mode}"
+    c.model.input = "rgb" if mode == "toy" else "dct"  # what the generator reads
+    c.model.backbone = "ir50" if a.ir50 else "ir18"
+    c.optim.lr = 0.01
+    c.optim.lr_multipliers = {} if mode == "stage2" else {"generator": 0.1}
+    c.minusface = dict(
+        generator_widths=DEFAULT_WIDTHS,
+        remat=False,  # rematerialise U-Net blocks: less activation memory at full width
+        n_duplicate=a.n_duplicate,  # stage 2: shuffles per face, concatenated (recogniser input 3 * n)
+        num_aug=0,  # set below; a record only (see module doc): the schedule is already stretched by it
+        loss_weights=dict(gen=5.0, fr=1.0, spar=0.0),
+        sparsity_target=0.01,
+        stage1_workdir=a.stage1_workdir,  # stage 2: the stage-1 run whose generator is frozen
+        stage1_step=0,  # 0 = its latest checkpoint
+        stage1_command=f"python -m ppfr_jax.main --config configs/minusface.py:stage1,{size} "
+                       f"--workdir runs/minusface_stage1_{size}",
+        eval_seed=0,  # stage 2: key of the shuffles used for verification
+    )
+
+    if a.demo or a.tiny:
+        # 192-channel 112x112 inputs (the U-Net's first conv, the stage-1 recogniser's input conv)
+        # make MinusFace ~10x costlier per image than RGB ArcFace on a CPU: the demo trains for
+        # minutes, not epochs (stage 1 42 steps, stage 2 84, toy 84)
+        c.data.source = "demo"
+        c.model.backbone = "ir_tiny"
+        c.model.embedding_size = 128
+        c.model.dropout = 0.0
+        c.minusface.generator_widths = DEMO_WIDTHS
+        c.batch_size_per_device = 0
+        c.batch_size = 32 if mode == "stage1" else 64
+        c.num_epochs = {"stage1": 0.5, "stage2": 2.0, "toy": 2.0}[mode]
+        c.optim.lr = 0.1
+        c.optim.boundaries_epochs = (0.8 * c.num_epochs,)
+        c.optim.warmup_epochs = 0.1 * c.num_epochs
+        c.head.scale = 32.0
+        c.head.margin = 0.3
+        c.log_every_steps = 10
+        c.checkpoint_every_steps = 100
+        c.eval.every_steps = 0  # verify once, at the end
+        c.eval.flip = False  # halves the (192-channel) evaluation
+        if mode == "stage2" and not a.stage1_workdir:
+            c.minusface.stage1_workdir = "runs/minusface_stage1_demo"
+    if a.tiny:  # seconds, for tests
+        c.data.source = "synthetic"
+        c.data.num_classes = 10
+        c.minusface.generator_widths = TINY_WIDTHS
+        c.model.embedding_size = 32
+        c.batch_size = 8
+        c.num_train_steps = 2
+        c.eval.pairs = ""
+        c.log_every_steps = 1
+        c.checkpoint_every_steps = 2
+        c.minusface.stage1_workdir = a.stage1_workdir
+    num_aug = a.num_aug or (1 if a.demo or a.tiny else 3)
+    if num_aug < 1:
+        raise ValueError(f"num_aug must be >= 1, got {a.num_aug}")
+    c.minusface.num_aug = num_aug
+    c.num_epochs = c.num_epochs * num_aug
+    c.optim.boundaries_epochs = tuple(e * num_aug for e in c.optim.boundaries_epochs)
+    c.optim.warmup_epochs = c.optim.warmup_epochs * num_aug
+    if a.steps:
+        c.num_train_steps = a.steps
+    return c

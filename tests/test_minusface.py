@@ -1,0 +1,200 @@
+"""MinusFace: golden parity (stage-1 forward, losses, stage-2 shuffle) and a tiny stage 1 -> stage 2 run.
+
+Tolerances are the golden README's ``suggested_atol`` (10x the float32-vs-
+float64 error the reference itself carries for that output), rtol 0: our
+float32 DCT/convs sum in another order than PyTorch, so agreement can only be
+expected within the rounding the reference already has.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import assert_summarised_close, golden_state_dict, load_golden, suggested_atol
+from ppfr_jax import config_lib, frequency, tasks, train
+from ppfr_jax.models import minusface
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "configs"))
+import minusface as minusface_config  # noqa: E402
+
+
+def _nhwc(x):
+    return np.transpose(np.asarray(x), (0, 2, 3, 1))
+
+
+def _nchw(x):
+    return np.transpose(np.asarray(x), (0, 3, 1, 2))
+
+
+# ----------------------------------------------------------------------------- golden parity
+
+
+def test_stage1_forward_matches_reference():
+    # The whole reference MinusBackbone state_dict goes through our one import
+    # (generator.backbone.* and recognizer.*), then the module's forward.
+    g = load_golden("minusface_stage1")
+    model = minusface.build_model("stage1", backbone="ir18")
+    variables = minusface.import_torch_state_dict(golden_state_dict("minusface_stage1"),
+                                                  minusface.init_variables(model))
+    out = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, _nhwc(g["x"]))
+    out = {k: _nchw(v) if v.ndim == 4 else np.asarray(v) for k, v in out.items()}
+    tol = lambda k: suggested_atol("minusface_stage1", k)  # noqa: E731
+    for name in ("x_encode", "x_residue", "x_feature", "x_latent"):
+        np.testing.assert_allclose(out[name], g[name], rtol=0, atol=tol(name), err_msg=name)
+    for name in ("x_up", "x_encode_up", "x_residue_up"):
+        assert_summarised_close(g, name, out[name], atol=tol(name))
+
+
+def test_objective_matches_reference_losses():
+    lg = load_golden("losses")
+    x, x_enc, latent = _nhwc(lg["x"]), _nhwc(lg["x_encode"]), _nhwc(lg["latent"])
+    logits, labels = jnp.asarray(lg["logits"]), jnp.asarray(lg["labels"])
+    task = tasks.make_task(minusface_config.get_config("stage1,tiny"), 10)
+    out = task.objective(x, x_enc, latent, logits, labels)
+    for k in ("loss", "loss_gen", "loss_fr", "loss_ls"):
+        # a 0-d loss has an exactly-zero tolerance row for loss_ls; 1e-7 is float32 rounding of the sum
+        np.testing.assert_allclose(float(out[k]), lg[k], rtol=0, atol=max(suggested_atol("losses", k), 1e-7),
+                                   err_msg=k)
+    # stage 2 trains the recogniser only: the reference zeroes gen and spar
+    w2 = minusface.MinusFaceStage2.objective_weights(minusface_config.get_config("stage2,tiny"))
+    assert w2 == {"gen": 0.0, "fr": 1.0, "spar": 0.0}
+    toy = tasks.make_task(minusface_config.get_config("toy,tiny"), 10)
+    t = toy.objective(x, x_enc, latent, logits, labels)
+    np.testing.assert_allclose(float(t["loss"]), lg["loss_gen"] + lg["loss_fr"], rtol=0, atol=2e-5)
+    # configurable weights
+    c = minusface_config.get_config("stage1,tiny")
+    c.minusface.loss_weights.gen = 1.0
+    t1 = tasks.make_task(c, 10).objective(x, x_enc, latent, logits, labels)
+    np.testing.assert_allclose(float(t1["loss_gen"]), lg["l1_raw"], rtol=0, atol=suggested_atol("losses", "l1_raw"))
+
+
+def _zero_generator_stage2():
+    """Stage-2 model whose generator outputs 0, so its residue is dct(x) itself."""
+    model = minusface.build_model("stage2", backbone="ir_tiny", embedding_size=32,
+                                  generator_widths=minusface_config.TINY_WIDTHS)
+    shapes = minusface.init_variables(model)
+    gen = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes["params"]["generator"])
+    return model, {"params": {"generator": gen}}
+
+
+def test_protect_with_recorded_permutation_matches_reference():
+    # client path of stage 2 with the reference's torch.randperm injected:
+    # protect(x) = idct(shuffle(dct(x) - g(dct(x)))) with g == 0
+    g = load_golden("dct")
+    model, client_vars = _zero_generator_stage2()
+    x_p = jax.jit(lambda v, x, p: model.apply(v, x, perms=p, method=minusface.MinusBackbone.protect))(
+        client_vars, _nhwc(g["x"]), jnp.asarray(g["shuffle_perm"], jnp.int32))
+    assert x_p.shape == (1, 112, 112, 3)
+    np.testing.assert_allclose(_nchw(x_p), g["idct_of_shuffled"], rtol=0,
+                               atol=suggested_atol("dct", "idct_of_shuffled"))
+
+
+def test_permutations_follow_frequency_shuffle_decode():
+    # our draw reproduces frequency.shuffle_decode's (same key -> same X_p); shapes checked without compute
+    key = jax.random.key(3)
+    p = minusface.draw_permutations(key, 4, n_duplicate=2)
+    assert p.shape == (2, 4, 192)
+    for d, k in enumerate(jax.random.split(key, 2)):
+        np.testing.assert_array_equal(np.asarray(p[d]), np.asarray(frequency.random_permutations(k, 4)))
+    assert all(sorted(row) == list(range(192)) for row in np.asarray(p).reshape(-1, 192))
+    with pytest.raises(ValueError, match="perms must be"):
+        minusface.shuffle_decode(jnp.zeros((2, 112, 112, 192)), perms=jnp.zeros((2, 3, 192), jnp.int32))
+
+
+# ----------------------------------------------------------------------------- configs, tasks
+
+
+def test_configs_and_tasks():
+    for arg in ("stage1", "stage1,ir50", "stage2,ir50", "toy", "stage1,demo", "stage2,demo", "toy,demo",
+                "stage2,tiny,n_duplicate=2", "stage1,num_aug=1"):
+        c = minusface_config.get_config(arg)
+        config_lib.validate(c)
+        assert c.task.startswith("minusface_")
+    paper = minusface_config.get_config("stage2,ir50")
+    # the reference lists each image NUM_AUG=3 times per epoch: the schedule is stretched by 3
+    assert paper.minusface.num_aug == 3 and paper.num_epochs == 72
+    assert tuple(paper.optim.boundaries_epochs) == (30, 54, 66)
+    assert minusface_config.get_config("stage1").optim.lr_multipliers.generator == 0.1
+    with pytest.raises(ValueError, match="stage1, stage2, toy"):
+        minusface_config.get_config("stage1,stage2")
+
+    task = tasks.make_task(minusface_config.get_config("stage1,tiny"), 10)
+    shapes = jax.eval_shape(task.init, jax.random.key(0), jnp.zeros((2, 112, 112, 3), jnp.uint8),
+                            jnp.zeros((2,), jnp.int32))
+    assert set(shapes["params"]) == {"generator", "recognizer", "head"}
+    assert shapes["params"]["recognizer"]["input_layer_0"]["kernel"].shape[2] == 192
+    groups = {task.param_group(("generator", "left_conv_1")), task.param_group(("recognizer", "x")),
+              task.param_group(("head", "kernel"))}
+    assert groups == {"generator", "default"}
+
+    # toy: U-Net on RGB, recogniser on X - g(X); a traced loss with the metrics the engine logs
+    toy = tasks.make_task(minusface_config.get_config("toy,tiny"), 10)
+    tv = jax.eval_shape(toy.init, jax.random.key(0), jnp.zeros((2, 112, 112, 3), jnp.uint8),
+                        jnp.zeros((2,), jnp.int32))
+    assert tv["params"]["generator"]["left_conv_1"]["conv_ReLU_0"]["kernel"].shape[2] == 3
+    batch = {"image": jnp.zeros((2, 112, 112, 3), jnp.uint8), "label": jnp.zeros((2,), jnp.int32)}
+    loss, (metrics, _) = jax.eval_shape(
+        lambda v: toy.loss(v["params"], {k: v[k] for k in v if k != "params"}, batch, jax.random.key(1)), tv)
+    assert loss.shape == () and {"loss", "loss_gen", "loss_fr", "accuracy"} <= set(metrics)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_stage1_then_stage2_end_to_end(tmp_path):
+    s1 = str(tmp_path / "stage1")
+    s2 = str(tmp_path / "stage2")
+
+    # stage 2 refuses to start without a stage-1 checkpoint, and says how to make one
+    for wd in ("", str(tmp_path / "nothing_here")):
+        c = minusface_config.get_config(f"stage2,tiny,stage1_workdir={wd}" if wd else "stage2,tiny")
+        with pytest.raises(minusface.Stage1CheckpointNotFound, match=r"configs/minusface\.py:stage1,tiny"):
+            train.train_and_evaluate(c, str(tmp_path / "refused"))
+
+    r1 = train.train_and_evaluate(minusface_config.get_config("stage1,tiny"), s1)
+    assert r1["steps"] == 2 and os.path.exists(os.path.join(s1, "results.json"))
+    v1, step1 = minusface.restore_variables(s1)
+    assert step1 == 2
+
+    c2 = minusface_config.get_config(f"stage2,tiny,stage1_workdir={s1}")
+    r2 = train.train_and_evaluate(c2, s2)
+    res = json.load(open(os.path.join(s2, "results.json")))
+    assert r2["steps"] == 2 and res["task"] == "minusface_stage2"
+    v2, _ = minusface.restore_variables(s2)
+    # the frozen generator is bit-for-bit stage 1's; the new recogniser takes 3-channel X_p
+    jax.tree.map(np.testing.assert_array_equal, v2["params"]["generator"], v1["params"]["generator"])
+    assert v2["params"]["recognizer"]["input_layer_0"]["kernel"].shape[2] == 3
+
+    # deployment split: the client holds only g, the server only f_p
+    task = tasks.make_task(c2, 10)
+    client = {"params": {"generator": v2["params"]["generator"]}}
+    server = {"params": {"recognizer": v2["params"]["recognizer"]},
+              "batch_stats": {"recognizer": v2["batch_stats"]["recognizer"]}}
+    images = np.random.default_rng(0).integers(0, 256, (2, 112, 112, 3), dtype=np.uint8)
+
+    both = {"params": {**client["params"], **server["params"]}, "batch_stats": server["batch_stats"]}
+
+    @jax.jit
+    def deploy(client, server, both, images, k1, k2):
+        a, b = task.protect(client, images, k1), task.protect(client, images, k2)
+        return a, b, task.recognize(server, a), task.embed(both, images)
+
+    k1, k2 = jax.random.split(jax.random.key(7))
+    xa, xb, emb, emb_eval = deploy(client, server, both, images, k1, k2)
+    assert xa.shape == (2, 112, 112, 3) and emb.shape == (2, 32) and emb_eval.shape == (2, 32)
+    assert float(xa.min()) >= 0.0 and float(xa.max()) <= 1.0
+    assert float(jnp.abs(xa - xb).max()) > 0.1  # a fresh key gives a fresh protection
+    assert bool(jnp.isfinite(emb).all()) and bool(jnp.isfinite(emb_eval).all())
+
+    # verification shuffles belong to the image, not to its place in the batch, and survive a mirror
+    p = np.asarray(task.eval_permutations(images))
+    assert p.shape == (1, 2, 192) and not np.array_equal(p[0, 0], p[0, 1])
+    np.testing.assert_array_equal(np.asarray(task.eval_permutations(images[::-1])), p[:, ::-1])
+    np.testing.assert_array_equal(np.asarray(task.eval_permutations(images[:, :, ::-1])), p)
