@@ -67,9 +67,17 @@ def dct_matrix(n: int = BLOCK) -> np.ndarray:
     return d
 
 
-def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """1-D bilinear resampling matrix (n_out, n_in), align_corners=True (float64)."""
-    src = np.arange(n_out) * ((n_in - 1) / (n_out - 1))
+def bilinear_matrix(n_in: int, n_out: int, align_corners: bool = True) -> np.ndarray:
+    """1-D bilinear resampling matrix (n_out, n_in) with torch's conventions (float64).
+
+    ``align_corners=True`` maps the corner pixels onto each other;
+    ``False`` uses half-pixel centres with the source index clamped at 0
+    (``nn.Upsample(size=..., mode='bilinear')``).
+    """
+    if align_corners:
+        src = np.arange(n_out) * ((n_in - 1) / (n_out - 1))
+    else:
+        src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
     i0 = np.clip(np.floor(src).astype(np.int64), 0, n_in - 1)
     i1 = np.minimum(i0 + 1, n_in - 1)
     frac = src - i0

@@ -94,16 +94,7 @@ def resize_matrix(n_in: int, n_out: int, align_corners: bool) -> np.ndarray:
     """
     if n_in == n_out:
         return np.eye(n_out)
-    if align_corners:
-        return frequency.bilinear_matrix(n_in, n_out)
-    src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
-    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
-    i1 = np.minimum(i0 + 1, n_in - 1)
-    frac = src - i0
-    m = np.zeros((n_out, n_in))
-    np.add.at(m, (np.arange(n_out), i0), 1.0 - frac)
-    np.add.at(m, (np.arange(n_out), i1), frac)
-    return m
+    return frequency.bilinear_matrix(n_in, n_out, align_corners)
 
 
 def resize_bilinear(x: jax.Array, size: int, align_corners: bool) -> jax.Array:
