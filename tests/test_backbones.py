@@ -245,3 +245,23 @@ def test_stage_hook_modules_take_duetface_server_names():
     v = iresnet.import_torch_state_dict(golden_state_dict("duetface_model_w05"), template,
                                         strip_prefix="server_model.", ignore=(r"^client_model\.",))
     assert [float(v["params"][f"body_{i}"]["embedding_layer"]["weight"]) for i in (1, 3, 5, 7)] == [0.5] * 4
+
+
+@pytest.mark.parametrize("stride,padding,kernel", [(1, 1, 3), (2, 1, 3), (1, 0, 7)])
+def test_depthwise_shifted_matches_grouped_conv(stride, padding, kernel):
+    """The CPU depthwise path (shifted slices) equals XLA's grouped conv, values and grads."""
+    from ppfr_jax.models.layers import DepthwiseConv
+
+    x = jax.random.normal(jax.random.key(0), (2, 15, 14, 6))
+    mods = {impl: DepthwiseConv(6, (kernel, kernel), (stride, stride), (padding, padding),
+                                use_bias=True, impl=impl) for impl in ("shifted", "lax")}
+    params = mods["lax"].init(jax.random.key(1), x)
+    params = jax.tree.map(lambda p: p + 0.1, params)  # non-zero bias
+    outs, grads = {}, {}
+    for impl, m in mods.items():
+        outs[impl] = m.apply(params, x)
+        grads[impl] = jax.grad(lambda p, x: jnp.sum(m.apply(p, x) ** 2), argnums=(0, 1))(params, x)
+    assert outs["lax"].shape == outs["shifted"].shape
+    np.testing.assert_allclose(outs["shifted"], outs["lax"], rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads["shifted"]), jax.tree.leaves(grads["lax"])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
