@@ -189,13 +189,19 @@ def train_step(state: TrainState, batch, rng, *, task, tx, schedule):
 
 
 def synthetic_batches(config, global_batch: int, start_step: int, num_classes: int) -> Iterator[dict]:
-    """Deterministic random batches (tests, benchmarks): batch k depends only on (seed, k)."""
+    """Deterministic random batches (tests, benchmarks): batch k depends only on (seed, k).
+
+    Each host yields its slice of the same global batch, so the training run does not
+    depend on how many processes share it.
+    """
     local = global_batch // jax.process_count()
+    lo = jax.process_index() * local
     step = start_step
     while True:
-        rng = np.random.default_rng([config.seed, step, jax.process_index()])
-        yield {"image": rng.integers(0, 256, (local, 112, 112, 3), dtype=np.uint8),
-               "label": rng.integers(0, num_classes, (local,), dtype=np.int32)}
+        rng = np.random.default_rng([config.seed, step])
+        images = rng.integers(0, 256, (global_batch, 112, 112, 3), dtype=np.uint8)
+        labels = rng.integers(0, num_classes, (global_batch,), dtype=np.int32)
+        yield {"image": images[lo:lo + local], "label": labels[lo:lo + local]}
         step += 1
 
 
@@ -415,6 +421,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                 {"devtest_accuracy": last_eval["accuracy"]} if do_eval else None)
     finally:
         mngr.wait_until_finished()
+        mngr.close()
         writer.flush()
 
     results = {
