@@ -285,6 +285,9 @@ def test_demo_set():
     images, issame = ev.load_verification_set("demo")
     assert images.shape == (2000, 112, 112, 3) and images.dtype == np.uint8
     assert issame.shape == (1000,) and issame.sum() == 500
+    # 10 folds of 100 consecutive pairs, each half same / half different (a single-class
+    # fold would take its threshold from the other folds' class alone)
+    np.testing.assert_array_equal(issame.reshape(10, 100).sum(axis=1), 50)
     lm = ev.demo_eval_landmarks()
     assert lm.shape == (2000, 98, 2) and lm.dtype == np.float32
     # landmarks sit on the aligned face: eye centres (WFLW 96/97) near the ArcFace template's

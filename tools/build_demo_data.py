@@ -13,7 +13,11 @@ What it writes (see ``ppfr_jax/demo_data/README.md`` for provenance and terms):
   normalised (x = column, y = row) as ``ppfr_jax.align.normalize_points``.
 - ``eval/lfw_devtest.bin``: insightface-style verification set = pickle of
   (list of 2*P encoded JPEGs, list of P bools), pairs of LFW View 1
-  ``pairsDevTest.txt`` in file order (image 2i and 2i+1 form pair i).
+  ``pairsDevTest.txt`` (image 2i and 2i+1 form pair i), ordered in 10 consecutive
+  folds that each hold 1/10 of the same-person pairs then 1/10 of the different
+  ones (``fold_order``), as LFW's ``pairs.txt`` and insightface's ``lfw.bin`` are.
+  The file itself lists its 500 same pairs before its 500 different ones, which would
+  make every fold of the unshuffled 10-fold protocol single-class.
   An image used by several pairs is the same bytes object, so pickle stores it once.
 - ``eval/lfw_devtest_landmarks.npz``: ``landmarks`` (2P, 98, 2) float32 normalised,
   ``paths`` (2P,) source image of each entry, ``issame`` (P,).
@@ -62,6 +66,22 @@ def read_pairs(path: pathlib.Path):
     return out
 
 
+def fold_order(pairs, n_folds: int = 10):
+    """Reorder pairs into ``n_folds`` consecutive blocks of (same..., different...).
+
+    Within each class the file order is kept; fold k gets the k-th contiguous slice of
+    the same pairs and of the different pairs (sizes differ by at most one).
+    """
+    same = [p for p in pairs if p[2]]
+    diff = [p for p in pairs if not p[2]]
+    out = []
+    for k in range(n_folds):
+        out += same[k * len(same) // n_folds:(k + 1) * len(same) // n_folds]
+        out += diff[k * len(diff) // n_folds:(k + 1) * len(diff) // n_folds]
+    assert len(out) == len(pairs)
+    return out
+
+
 def rel(name: str, n: int) -> str:
     return f"lfw-deepfunneled/{name}/{name}_{n:04d}.jpg"
 
@@ -99,7 +119,7 @@ def main(argv=None) -> int:
 
     from ppfr_jax import input_pipeline  # TensorFlow: only for writing the records
 
-    pairs = read_pairs(lfw / "pairsDevTest.txt")
+    pairs = fold_order(read_pairs(lfw / "pairsDevTest.txt"))
     eval_ids = {x[0] for pr in pairs for x in pr[:2]}
     root = lfw / "lfw-deepfunneled"
     counts = {d.name: len(list(d.glob("*.jpg"))) for d in root.iterdir() if d.is_dir()}
