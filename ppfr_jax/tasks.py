@@ -95,7 +95,9 @@ class RecognitionTask:
             variables["head_state"] = {"head": hd["head_state"]}
         return variables
 
-    def features(self, params, model_state, images, rng, train):
+    def features(self, params, model_state, images, rng, train, landmarks=None):
+        """(embeddings (B, E), new model_state). ``landmarks`` (B, 98, 2) for tasks that use them."""
+        del landmarks  # the plain recogniser has no use for them
         x = self.model_input(images, rng)
         out, upd = self.backbone.apply(
             {"params": params["backbone"], "batch_stats": model_state["batch_stats"]["backbone"]},
@@ -105,7 +107,7 @@ class RecognitionTask:
 
     def loss(self, params, model_state, batch, rng, train=True):
         r_f, r_h = jax.random.split(rng)
-        emb, new_state = self.features(params, model_state, batch["image"], r_f, train)
+        emb, new_state = self.features(params, model_state, batch["image"], r_f, train, batch.get("landmarks"))
         head_vars = {"params": params["head"]}
         if "head_state" in model_state:
             head_vars["head_state"] = model_state["head_state"]["head"]

@@ -160,11 +160,16 @@ def test_duetface_model_matches_reference():
                                            atol=suggested_atol("duetface_model", name), err_msg=name)
 
 
-def test_split_dct_matches_frequency_split_channels():
-    d = jax.random.normal(jax.random.key(0), (2, 3, 3, 192))
-    for sub in (frequency.SUB_CHS, (0, 63), (9, 1)):
-        for a, b in zip(frequency.split_channels(d, sub), duetface.split_dct(d, sub)):
-            np.testing.assert_array_equal(a, b)
+def test_split_channels_slices_match_the_gather():
+    """The contiguous-slice split equals an explicit gather of duet_channel_indices, any SUB_CHS."""
+    d = np.asarray(jax.random.normal(jax.random.key(0), (2, 3, 3, 192)))
+    for sub in (frequency.SUB_CHS, (0, 63), (9, 1), tuple(range(0, 64, 2))):
+        main_idx, sub_idx = frequency.duet_channel_indices(sub)
+        server, client = frequency.split_channels(d, sub)
+        np.testing.assert_array_equal(server, np.take(d, main_idx, axis=-1))
+        np.testing.assert_array_equal(client, np.take(d, sub_idx, axis=-1))
+        merged = frequency.merge_channels(server, client, sub)
+        np.testing.assert_array_equal(merged, d)
 
 
 # ----------------------------------------------------------------------------- two-stage training

@@ -69,7 +69,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ppfr_jax import frequency, losses, roi, tasks
+from ppfr_jax import frequency, roi, tasks
 from ppfr_jax.checkpoint_import import torch_to_flax
 from ppfr_jax.models import iresnet, mobilefacenet
 from ppfr_jax.models.mobilefacenet import ConvBlock, DepthWise, OutputLayer
@@ -315,32 +315,9 @@ class ClientCheckpointNotFound(FileNotFoundError):
 
 
 def restore_engine_variables(workdir: str, step: int | None = None) -> tuple[dict, int]:
-    """``{'params', 'batch_stats', ...}`` of an engine checkpoint in ``workdir``, as numpy, and its step.
-
-    Reads ``<workdir>/checkpoints/<step>/state`` (``train.save_checkpoint``) via
-    its own metadata: no optimiser state, no knowledge of the run that wrote
-    it, unsharded whatever mesh saved it. ``step=None``: the latest.
-    """
-    import orbax.checkpoint as ocp
-
-    root = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
-    steps = [s for s in steps if os.path.isdir(os.path.join(root, str(s), "state"))]
-    if not steps:
-        raise ClientCheckpointNotFound(f"no checkpoint under {root}")
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise ClientCheckpointNotFound(f"no checkpoint of step {step} under {root} (found steps {steps})")
-    path = os.path.join(root, str(step), "state")
-    from etils import epath
-    tree = ocp.StandardCheckpointHandler().metadata(epath.Path(path))
-    wanted = {k: tree[k] for k in ("params", "model_state") if k in tree}
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), wanted)
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-    out = ocp.PyTreeCheckpointer().restore(
-        path, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True))
-    return {"params": out["params"], **out.get("model_state", {})}, step
+    """``train.restore_variables``: params and model state of an engine run, as numpy, and its step."""
+    from ppfr_jax import train
+    return train.restore_variables(workdir, step)
 
 
 def load_pfld_variables(path: str) -> dict:
@@ -371,35 +348,8 @@ def load_pfld_variables(path: str) -> dict:
 # ----------------------------------------------------------------------------- training tasks
 
 
-def _runs(values) -> list[tuple[int, int]]:
-    """Sorted ints -> maximal [start, stop) runs of consecutive values."""
-    out, start = [], 0
-    for k in range(1, len(values) + 1):
-        if k == len(values) or values[k] != values[k - 1] + 1:
-            out.append((int(values[start]), int(values[k - 1]) + 1))
-            start = k
-    return out
-
-
-def split_dct(x_dct, sub_channels=frequency.SUB_CHS):
-    """(N, H, W, 192) -> (server (N, H, W, 162), client (N, H, W, 30)), as ``frequency.split_channels``.
-
-    The same frequencies are taken from each colour, in ascending order, so the
-    split is a few contiguous slices of the (colour, 64) view: XLA fuses those
-    into the DCT, where a gather over the 192 channels (``jnp.take``) costs
-    about three times the DCT itself on CPU.
-    """
-    frequency.duet_channel_indices(sub_channels)  # validates them
-    sub = sorted(int(s) for s in sub_channels)
-    if list(sub) != [int(s) for s in sub_channels]:
-        return frequency.split_channels(x_dct, sub_channels)  # unsorted order: keep the caller's
-    main = sorted(set(range(frequency.NUM_FREQ)) - set(sub))
-    n, h, w, c = x_dct.shape
-    if c != frequency.NUM_CHANNELS:
-        raise ValueError(f"expected {frequency.NUM_CHANNELS} DCT channels on the last axis, got shape {x_dct.shape}")
-    e = x_dct.reshape(n, h, w, 3, frequency.NUM_FREQ)
-    take = lambda freqs: jnp.concatenate([e[..., a:b] for a, b in _runs(freqs)], axis=-1).reshape(n, h, w, -1)
-    return take(main), take(sub)
+# kept under its old name: the split is frequency.split_channels (contiguous slices)
+split_dct = frequency.split_channels
 
 
 def split_input(images, sub_channels=frequency.SUB_CHS, dtype=jnp.float32):
@@ -587,20 +537,6 @@ class DuetFaceTask(tasks.RecognitionTask):
         stats = {k: s for k, s in upd["batch_stats"].items() if k != "client_model"}
         new_state = {**model_state, "batch_stats": {**model_state["batch_stats"], "duetface": stats}}
         return emb, new_state
-
-    def loss(self, params, model_state, batch, rng, train=True):
-        r_f, r_h = jax.random.split(rng)
-        emb, new_state = self.features(params, model_state, batch["image"], r_f, train, batch.get("landmarks"))
-        head_vars = {"params": params["head"]}
-        if "head_state" in model_state:
-            head_vars["head_state"] = model_state["head_state"]["head"]
-        (logits, _), hs = self.head.apply(head_vars, emb.astype(jnp.float32), batch["label"], train=train,
-                                          rngs={"sample": r_h}, mutable=["head_state"])
-        if "head_state" in model_state:
-            new_state = {**new_state, "head_state": {"head": hs["head_state"]}}
-        loss = losses.softmax_cross_entropy(logits, batch["label"])
-        metrics = {"loss": loss, "accuracy": losses.top1_accuracy(logits, batch["label"])}
-        return loss, (metrics, new_state)
 
     def embed(self, variables, images):
         x = tasks.normalise_images(images)

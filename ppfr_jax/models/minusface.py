@@ -66,6 +66,7 @@ import numpy as np
 
 from ppfr_jax import frequency, losses, tasks
 from ppfr_jax.models import iresnet, unet
+from ppfr_jax.train import restore_variables  # noqa: F401  (re-exported: stage 2 reads stage 1's run)
 
 MODES = ("stage1", "stage2", "toy")
 
@@ -252,39 +253,6 @@ def import_torch_state_dict(state_dict: Mapping[str, Any], variables: Mapping[st
 
 class Stage1CheckpointNotFound(FileNotFoundError):
     """Stage 2 was asked to start without a finished stage-1 run."""
-
-
-def restore_variables(workdir: str, step: int | None = None) -> tuple[dict, int]:
-    """Params and model state of an engine checkpoint in ``workdir``, as numpy: ``(variables, step)``.
-
-    Reads ``<workdir>/checkpoints/<step>/state`` (``train.save_checkpoint``'s
-    layout: a ``TrainState`` with ``params`` and ``model_state``) without its
-    optimiser state and without building the run that wrote it: the arrays
-    come back unsharded, whatever mesh saved them. ``step=None``: the latest.
-
-    Raises:
-      FileNotFoundError if there is no checkpoint.
-    """
-    import orbax.checkpoint as ocp
-
-    root = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
-    steps = [s for s in steps if os.path.isdir(os.path.join(root, str(s), "state"))]
-    if not steps:
-        raise FileNotFoundError(f"no checkpoint under {root}")
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise FileNotFoundError(f"no checkpoint of step {step} under {root} (found steps {steps})")
-    path = os.path.join(root, str(step), "state")
-    from etils import epath  # orbax's path type; the handler reads the item without step metadata
-    tree = ocp.StandardCheckpointHandler().metadata(epath.Path(path)).tree
-    wanted = {k: tree[k] for k in ("params", "model_state") if k in tree}
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), wanted)
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-    out = ocp.PyTreeCheckpointer().restore(
-        path, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True))
-    return {"params": out["params"], **out.get("model_state", {})}, step
 
 
 # ----------------------------------------------------------------------------- training tasks
