@@ -72,6 +72,11 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def _exists(path: str) -> bool:
+    """Local paths are checked here; URLs (gs://...) are left to the reader that opens them."""
+    return "://" in str(path) or os.path.exists(path)
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Reject bad values before anything is built, naming the field."""
     def bad(field, msg):
@@ -112,14 +117,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     if d.source in ("tfrecord", "image_folder"):
         if not d.path:
             bad("data.path", f"data.source={d.source!r} needs data.path")
-        if not os.path.exists(d.path):
+        if not _exists(d.path):
             bad("data.path", f"{d.path!r} does not exist")
-        if d.source == "tfrecord" and d.index and not os.path.exists(d.index):
+        if d.source == "tfrecord" and d.index and not _exists(d.index):
             bad("data.index", f"{d.index!r} does not exist")
     if d.source == "tfds" and not d.tfds_name:
         bad("data.tfds_name", "data.source='tfds' needs data.tfds_name")
     if d.source == "synthetic" and d.num_classes <= 0:
         bad("data.num_classes", "data.source='synthetic' needs num_classes > 0")
     ev = config.eval
-    if ev.pairs not in ("demo", "") and not os.path.exists(ev.pairs):
+    if ev.pairs not in ("demo", "") and not _exists(ev.pairs):
         bad("eval.pairs", f"{ev.pairs!r} does not exist (use 'demo' or '' to disable)")

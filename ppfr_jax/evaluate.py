@@ -621,14 +621,20 @@ def _load_casia_mobilefacenet(checkpoint: str) -> Recognizer:
 
 @register_model("ppfr")
 def _load_ppfr_workdir(checkpoint: str) -> Recognizer:
-    # Hook for trained ppfr models: restore the Orbax checkpoint in the workdir
-    # (ppfr_jax.train.checkpoint_manager / restore_checkpoint), rebuild the task from
-    # the config saved beside it, and return Recognizer(apply_fn=<task embedding on
-    # preprocessed images>, preprocess=<uint8 -> [-1, 1]>, input_hw=(112, 112),
-    # template="arcface", flip="sum").
-    raise NotImplementedError(
-        f"--model ppfr (Orbax workdir {checkpoint!r}) is not wired yet: register a loader with "
-        "ppfr_jax.evaluate.register_model('ppfr') returning a Recognizer")
+    """A ppfr_jax training workdir (``--checkpoint runs/x``): the task's own verification embedding.
+
+    DuetFace embeds through client + server, MinusFace stage 2 through protect +
+    recognize (``task.embed``), as the training run's DevTest evaluation does.
+    """
+    from ppfr_jax import train  # no TensorFlow: the engine core imports without it
+
+    if not os.path.isdir(checkpoint) and "://" not in checkpoint:
+        raise FileNotFoundError(f"--checkpoint {checkpoint!r}: not a directory (a ppfr_jax training workdir)")
+    task, variables, step = train.load_for_inference(checkpoint)
+    print(f"{checkpoint}: task {task.config.task}, checkpoint of step {step}")
+    flip = "sum" if task.config.eval.get("flip", True) else None
+    return Recognizer(apply_fn=lambda x: task.embed(variables, x), preprocess=lambda x: x, input_hw=(112, 112),
+                      template="arcface", flip=flip)
 
 
 def fit_to_input(images: np.ndarray, input_hw: tuple[int, int]) -> np.ndarray:

@@ -69,6 +69,16 @@ def maybe_initialize_distributed() -> None:
         jax.distributed.initialize(**kw)
 
 
+def workdir_path(workdir: str):
+    """An ``etils.epath.Path`` for a local directory (made absolute) or a URL such as ``gs://bucket/run``.
+
+    Orbax, clu's writers and ``results.json`` all go through it, so a TPU pod can
+    write straight to Cloud Storage.
+    """
+    from etils import epath
+    return epath.Path(workdir if "://" in str(workdir) else os.path.abspath(workdir))
+
+
 def create_mesh(config) -> Mesh:
     devices = np.asarray(jax.devices())
     model = max(int(config.mesh.get("model", 1)), 1)
@@ -267,7 +277,7 @@ def checkpoint_manager(workdir: str, config):
                                  n=int(config.keep_best), keep_checkpoints_without_metrics=False))
     opts = ocp.CheckpointManagerOptions(preservation_policy=pp.AnyPreservationPolicy(policies),
                                         enable_async_checkpointing=True, create=True)
-    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=opts)
+    return ocp.CheckpointManager(workdir_path(workdir) / "checkpoints", options=opts)
 
 
 def save_checkpoint(mngr, state, meta: dict, metrics: dict | None = None):
@@ -347,13 +357,80 @@ def _variables(state: TrainState) -> dict:
     return {"params": state.params, **state.model_state}
 
 
+def restore_variables(workdir: str, step: int | None = None) -> tuple[dict, int]:
+    """Params and model state of an engine checkpoint in ``workdir``, as numpy: ``(variables, step)``.
+
+    Reads ``<workdir>/checkpoints/<step>/state`` (``train.save_checkpoint``'s
+    layout: a ``TrainState`` with ``params`` and ``model_state``) without its
+    optimiser state and without building the run that wrote it: the arrays
+    come back unsharded, whatever mesh saved them. ``step=None``: the latest.
+
+    Used by the stages that freeze another run's weights (DuetFace's client,
+    MinusFace's generator) and by tools that only need the model.
+
+    Raises:
+      FileNotFoundError if there is no checkpoint.
+    """
+    import orbax.checkpoint as ocp
+
+    root = workdir_path(workdir) / "checkpoints"
+    steps = sorted(int(d.name) for d in root.iterdir() if d.name.isdigit()) if root.is_dir() else []
+    steps = [s for s in steps if (root / str(s) / "state").is_dir()]
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint under {root}")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise FileNotFoundError(f"no checkpoint of step {step} under {root} (found steps {steps})")
+    path = root / str(step) / "state"
+    tree = ocp.StandardCheckpointHandler().metadata(path).tree  # the item, without step metadata
+    wanted = {k: tree[k] for k in ("params", "model_state") if k in tree}
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), wanted)
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+    out = ocp.PyTreeCheckpointer().restore(
+        path, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True))
+    return {"params": out["params"], **out.get("model_state", {})}, step
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a run was started with: ``<workdir>/config.json`` (written at start) or ``results.json``."""
+    wd = workdir_path(workdir)
+    for name, key in (("config.json", None), ("results.json", "config")):
+        f = wd / name
+        if f.exists():
+            try:
+                d = json.loads(f.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{f}: not valid JSON ({e})") from None
+            return ml_collections.ConfigDict(d[key] if key else d)
+    raise FileNotFoundError(f"{wd}: neither config.json nor results.json; is it a ppfr_jax training workdir?")
+
+
+def load_for_inference(workdir: str, step: int | None = None):
+    """-> ``(task, variables, step)`` of a trained run, for embedding / protecting / serving.
+
+    Rebuilds the task from the run's saved config and restores params and model
+    state (no optimiser state) from its latest (or ``step``) checkpoint, as numpy.
+    ``task.embed(variables, images)`` then gives the run's verification embeddings.
+    """
+    config = load_config(workdir)
+    variables, step = restore_variables(workdir, step)
+    head = variables["params"].get("head", {})
+    kernel = next((v for v in jax.tree.leaves(head) if getattr(v, "ndim", 0) == 2), None)
+    classes = int(kernel.shape[-1]) if kernel is not None else 1
+    task = tasks.make_task(config, classes, classes)
+    return task, variables, step
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Train (resuming from ``workdir`` if it holds a checkpoint), evaluate, write results.json."""
     from clu import metric_writers, periodic_actions
 
     maybe_initialize_distributed()
     config_lib.validate(config, jax.device_count())
-    os.makedirs(workdir, exist_ok=True)
+    workdir_path(workdir).mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:  # so an unfinished run can still be loaded (load_for_inference)
+        (workdir_path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=1))
     t_start = time.time()
     mesh = create_mesh(config)
     gb = global_batch_size(config, mesh)
@@ -437,8 +514,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "backend": jax.default_backend(),
     }
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump(results, f, indent=1, default=str)
+        (workdir_path(workdir) / "results.json").write_text(json.dumps(results, indent=1, default=str))
     return results
 
 

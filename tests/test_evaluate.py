@@ -315,9 +315,11 @@ def test_cli_on_demo(tmp_path, capsys):
     assert 0.5 < r["accuracy"] < 0.95 and len(r["fold_accuracy"]) == 10 and r["num_pairs"] == 1000
 
 
-def test_ppfr_hook_is_explicit():
-    with pytest.raises(NotImplementedError, match="register_model"):
-        ev.MODELS["ppfr"]("workdir")
+def test_ppfr_loader_names_a_missing_workdir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        ev.MODELS["ppfr"](str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        ev.MODELS["ppfr"](str(tmp_path))
 
 
 def test_imports_without_tensorflow():

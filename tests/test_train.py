@@ -89,6 +89,16 @@ def test_end_to_end_writes_results_and_resumes(tmp_path):
     c2 = tiny_config(num_train_steps=6)
     r2 = train.train_and_evaluate(c2, wd)
     assert r2["steps"] == 6
+    # the run loads for inference from its workdir alone (ppfr-eval --model ppfr)
+    from ppfr_jax import evaluate
+    task, variables, step = train.load_for_inference(wd)
+    assert step == 6 and task.config.num_train_steps == 6
+    jax.tree.map(np.testing.assert_array_equal, variables["params"], _params(wd))
+    rec = evaluate.MODELS["ppfr"](wd)
+    x = np.random.default_rng(0).integers(0, 256, (3, 112, 112, 3), dtype=np.uint8)
+    e = evaluate.embed(rec.apply_fn, x, preprocess=rec.preprocess, flip=None)
+    np.testing.assert_allclose(e, np.asarray(task.embed(variables, x)), rtol=1e-5, atol=1e-5)
+    assert e.shape == (3, c.model.embedding_size) and np.isfinite(e).all()
 
 
 def test_non_finite_loss_stops_and_keeps_checkpoints(tmp_path):
