@@ -262,7 +262,9 @@ def run_verification(embed, variables, images, issame, mesh, batch_size) -> dict
         outs.append(np.asarray(embed(variables, arr))[:bs - pad])
     emb = np.concatenate(outs)
     res = evaluate.verify(emb, issame)
-    return {"accuracy": float(res["accuracy_mean"]), "std": float(res["accuracy_std"])}
+    # squared L2 between unit embeddings (flip-summed); ppfr-verify turns it into a cosine
+    return {"accuracy": float(res["accuracy_mean"]), "std": float(res["accuracy_std"]),
+            "threshold": float(np.mean(res["best_thresholds"]))}
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -508,6 +510,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "wall_s": time.time() - t_start,
         "devtest_accuracy": last_eval.get("accuracy"),
         "devtest_std": last_eval.get("std"),
+        "devtest_threshold": last_eval.get("threshold"),
         "num_classes": num_classes,
         "global_batch": gb,
         "devices": mesh.size,
