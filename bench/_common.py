@@ -12,14 +12,30 @@ def command() -> str:
     return " ".join(shlex.quote(a) for a in [sys.executable.split("/")[-1]] + sys.argv)
 
 
-def emit(record: dict) -> None:
+def cpu_model() -> str:
+    """The host CPU's model name (Linux), or ``platform.processor()``."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def emit(record: dict) -> str:
+    """Print ``record`` as one JSON line (with device, versions and the command); returns the line."""
     record = dict(record)
     record.setdefault("device", str(jax.devices()[0].device_kind))
     record.setdefault("backend", jax.default_backend())
     record.setdefault("jax", jax.__version__)
     record.setdefault("machine", platform.machine())
+    record.setdefault("cpu", cpu_model())
     record["command"] = command()
-    print(json.dumps(record), flush=True)
+    line = json.dumps(record)
+    print(line, flush=True)
+    return line
 
 
 def time_fn(fn, *args, warmup=1, repeats=5):
@@ -35,14 +51,23 @@ def time_fn(fn, *args, warmup=1, repeats=5):
     return ts[len(ts) // 2], ts[0]
 
 
-def compiled_memory(fn, *args) -> dict:
-    """XLA's own accounting of a jitted function's buffers (bytes)."""
-    m = jax.jit(fn).lower(*args).compile().memory_analysis()
+def memory_stats(compiled) -> dict:
+    """XLA's buffer accounting of a compiled executable, per device (bytes).
+
+    ``peak_bytes`` = arguments + outputs - aliased (donated inputs reused as
+    outputs) + temporaries: the live set XLA plans for one call.
+    """
+    m = compiled.memory_analysis()
     if m is None:
         return {}
-    out = {k: int(getattr(m, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes",
+    out = {k: int(getattr(m, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
                                             "temp_size_in_bytes", "generated_code_size_in_bytes")
            if hasattr(m, k)}
-    out["peak_bytes"] = out.get("argument_size_in_bytes", 0) + out.get("output_size_in_bytes", 0) + out.get(
-        "temp_size_in_bytes", 0)
+    out["peak_bytes"] = (out.get("argument_size_in_bytes", 0) + out.get("output_size_in_bytes", 0)
+                         - out.get("alias_size_in_bytes", 0) + out.get("temp_size_in_bytes", 0))
     return out
+
+
+def compiled_memory(fn, *args) -> dict:
+    """``memory_stats`` of ``jax.jit(fn)`` compiled for ``args``."""
+    return memory_stats(jax.jit(fn).lower(*args).compile())
