@@ -14,13 +14,34 @@ Expected (IR-50, MS1Mv2, 8 GPUs): LFW 99.77, CFP-FP 98.30, AgeDB 97.88 (SPEC sec
 2-core CPU; prints the DevTest verification accuracy (see bench/RESULTS.md):
 
     python -m ppfr_jax.main --config configs/arcface.py:demo --workdir runs/arcface_demo
+
+``match=duetface`` / ``match=minusface`` (with ``demo``): the RGB baseline with
+the training budget of that method's recogniser, i.e. the batch size, epochs
+and LR schedule copied from ``configs/duetface.py:server,demo`` or
+``configs/minusface.py:stage2,demo`` (same backbone, head and LR already), for
+the equal-budget rows of bench/RESULTS.md:
+
+    python -m ppfr_jax.main --config configs/arcface.py:demo,match=duetface --workdir runs/arcface_demo_duetface
 """
+import importlib.util
+import pathlib
+
 from ppfr_jax import config_lib
+
+MATCH = {"duetface": ("duetface.py", "server,demo"), "minusface": ("minusface.py", "stage2,demo")}
+
+
+def _sibling_config(file: str, arg: str):
+    path = pathlib.Path(__file__).with_name(file)
+    spec = importlib.util.spec_from_file_location(f"_ppfr_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
 
 
 def get_config(arg=None):
     a = config_lib.parse_arg(arg, ir18=False, ir50=False, ir100=False, mobilefacenet=False, demo=False, tiny=False,
-                             steps=0, fd=False)
+                             steps=0, fd=False, match="")
     c = config_lib.base_config()
     c.task = "arcface"
     c.model.input = "dct" if a.fd else "rgb"
@@ -40,6 +61,13 @@ def get_config(arg=None):
         c.log_every_steps = 20
         c.checkpoint_every_steps = 200
         c.eval.every_steps = 200
+    if a.match:
+        if a.match not in MATCH or not a.demo:
+            raise ValueError(f"configs/arcface.py: match={a.match!r} needs 'demo' and one of {sorted(MATCH)}")
+        other = _sibling_config(*MATCH[a.match])
+        c.batch_size = other.batch_size
+        c.num_epochs = other.num_epochs
+        c.optim = other.optim
     if a.tiny:  # seconds, for tests
         c.data.source = "synthetic"
         c.data.num_classes = 10

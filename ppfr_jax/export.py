@@ -52,7 +52,6 @@ Needs the ``export`` extra (jax2onnx, onnxruntime).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -76,55 +75,6 @@ def _require(*modules: str):
         raise ImportError(f"{_INSTALL_HINT} ({e})") from e
 
 
-@contextlib.contextmanager
-def _linen_export_shims():
-    """Work around two gaps of jax2onnx's Flax Linen plugins (0.17), only while tracing for export.
-
-    jax2onnx replaces ``flax.linen.max_pool`` by a version whose ``window_shape``
-    is keyword-only (our U-Net passes it positionally, as Flax allows), and its
-    ``ConvTranspose.__call__`` refuses ``transpose_kernel=True`` (the U-Net's
-    torch-style transposed convs). Here: the first is called with keywords, the
-    second is computed with ``lax.conv_transpose`` as Flax itself does, which
-    jax2onnx lowers to an ONNX ``ConvTranspose``. Everything else is jax2onnx's.
-    Entered inside the traced function, i.e. after jax2onnx has patched, and
-    undone before it restores its own patches.
-    """
-    import flax.linen as nn
-    from flax.linen import dtypes
-
-    pool, conv_t = nn.max_pool, nn.ConvTranspose.__call__
-
-    def max_pool(inputs, window_shape, strides=None, padding="VALID"):
-        return pool(inputs, window_shape=window_shape, strides=strides, padding=padding)
-
-    def conv_transpose(self, inputs):
-        simple = (self.transpose_kernel and self.mask is None and inputs.ndim == 4
-                  and not (isinstance(self.padding, str) and self.padding.upper() == "CIRCULAR"))
-        if not simple:
-            return conv_t(self, inputs)
-        params = self.scope.variables()["params"]
-        bias = params["bias"] if self.use_bias else None
-        x, kernel, bias = dtypes.promote_dtype(inputs, params["kernel"], bias, dtype=self.dtype)
-        k = kernel.shape[:2]
-        strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides or (1,) * len(k))
-        dil = self.kernel_dilation
-        dil = (dil,) * 2 if isinstance(dil, int) else tuple(dil or (1,) * len(k))
-        padding = self.padding
-        if not isinstance(padding, str):
-            padding = tuple((p, p) if isinstance(p, int) else tuple(p) for p in (
-                (padding,) * 2 if isinstance(padding, int) else padding))
-        y = jax.lax.conv_transpose(x, kernel, strides, padding, rhs_dilation=dil,
-                                   dimension_numbers=("NHWC", "HWIO", "NHWC"), transpose_kernel=True,
-                                   precision=self.precision)
-        return y + bias if bias is not None else y
-
-    nn.max_pool, nn.ConvTranspose.__call__ = max_pool, conv_transpose
-    try:
-        yield
-    finally:
-        nn.max_pool, nn.ConvTranspose.__call__ = pool, conv_t
-
-
 def metadata(dep: deploy.Deployment) -> dict[str, str]:
     """What the ONNX file records about its client (``metadata_props``)."""
     meta = {"ppfr.method": dep.method, "ppfr.task": dep.task, "ppfr.client_fingerprint": dep.client_fingerprint,
@@ -146,8 +96,7 @@ def client_onnx(dep: deploy.Deployment, *, opset: int | None = None):
     jax2onnx, onnx = _require("jax2onnx", "onnx")
 
     def client(images, extra):
-        with _linen_export_shims():
-            out = dep.client_fn(images, extra)
+        out = dep.client_fn(images, extra)
         return tuple(out[k] for k in dep.output_names)
 
     kw = {} if opset is None else {"opset": int(opset)}

@@ -71,21 +71,43 @@ def _torch_conv_transpose_reference(x_nchw, w_iohw, bias, stride, padding, outpu
     return full[:, :, padding:padding + out_h, padding:padding + out_w] + bias[None, :, None, None]
 
 
-@pytest.mark.parametrize("k,s,p,op,size", [(3, 2, 1, 1, 5), (4, 2, 1, 0, 4), (3, 2, 0, 1, 3)])
-def test_conv_transpose_matches_torch_definition(k, s, p, op, size):
-    # (3, 2, 1, 1) is the U-Net's deconv; the others catch a padding or flip
-    # convention that happens to agree only for that one case.
+@pytest.mark.parametrize("k,s,p,op,size,impl", [(3, 2, 1, 1, 5, "lax"), (3, 2, 1, 1, 5, "subpixel"),
+                                                (3, 2, 1, 1, 4, "auto"), (4, 2, 1, 0, 4, "auto"),
+                                                (3, 2, 0, 1, 3, "auto")])
+def test_conv_transpose_matches_torch_definition(k, s, p, op, size, impl):
+    # (3, 2, 1, 1) is the U-Net's deconv (both implementations; 'auto' is the
+    # sub-pixel one on the CPU); the others catch a padding or flip convention
+    # that happens to agree only for that one case, and take the lax path.
     rng = np.random.default_rng(0)
     cin, cout = 5, 3
     x = rng.standard_normal((2, cin, size, size))
     w = rng.standard_normal((cin, cout, k, k))  # torch layout IOHW
     b = rng.standard_normal(cout)
-    layer = unet.conv_transpose(cout, k, s, p, op, name="deconv")
+    layer = unet.conv_transpose(cout, k, s, p, op, name="deconv", impl=impl)
     params = {"kernel": unet.torch_conv_transpose_kernel(w).astype(np.float32), "bias": b.astype(np.float32)}
     y = jax.jit(layer.apply)({"params": params}, _nhwc(x).astype(np.float32))
     ref = _torch_conv_transpose_reference(x, w, b, s, p, op)
     assert _nchw(y).shape == ref.shape
     np.testing.assert_allclose(_nchw(y), ref, rtol=0, atol=1e-4)
+
+
+def test_conv_transpose_subpixel_gradients_match_lax():
+    # The sub-pixel form must be the same function for training, not only forward.
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 6, 6, 5)).astype(np.float32)
+    params = {"kernel": rng.standard_normal((3, 3, 4, 5)).astype(np.float32),
+              "bias": rng.standard_normal(4).astype(np.float32)}
+    t = rng.standard_normal((2, 12, 12, 4)).astype(np.float32)
+
+    def grads(impl):
+        layer = unet.conv_transpose(4, 3, 2, 1, 1, name="deconv", impl=impl)
+        loss = lambda p, x: jnp.sum((layer.apply({"params": p}, x) - t) ** 2)
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+
+    for a, b in zip(jax.tree.leaves(grads("subpixel")), jax.tree.leaves(grads("lax"))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4 * float(np.abs(b).max()))
+    with pytest.raises(ValueError, match="subpixel"):
+        unet.conv_transpose(4, 4, 2, 1, 0, name="deconv", impl="subpixel").init(jax.random.key(0), x)
 
 
 TINY = (4, 8, 16, 32, 64)

@@ -64,6 +64,22 @@ def test_sharded_step_matches_single_device():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), p1, p8)
 
 
+def test_arcface_match_copies_the_method_budget():
+    # the equal-budget baselines of bench/RESULTS.md: same batch, epochs and LR schedule
+    import duetface as duetface_cfg
+    import minusface as minusface_cfg
+    for match, other in (("duetface", duetface_cfg.get_config("server,demo")),
+                         ("minusface", minusface_cfg.get_config("stage2,demo"))):
+        c = arcface.get_config(f"demo,match={match}")
+        assert (c.batch_size, c.num_epochs, c.model.backbone) == (other.batch_size, other.num_epochs,
+                                                                 other.model.backbone)
+        assert c.optim.to_dict() == other.optim.to_dict()
+        assert c.head.to_dict() == other.head.to_dict() and c.model.input == "rgb"
+    assert arcface.get_config("demo").num_epochs != duetface_cfg.get_config("server,demo").num_epochs
+    with pytest.raises(ValueError, match="match"):
+        arcface.get_config("demo,match=cosface")
+
+
 def test_bad_configs_name_the_field(tmp_path):
     cases = {
         "model.backbone": ("model.backbone", "resnet9000"),
