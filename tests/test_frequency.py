@@ -61,6 +61,16 @@ def test_fused_equals_materialised_upsample():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=2e-3)
 
 
+@pytest.mark.parametrize("n,chunk", [(6, 2), (5, 4), (3, 8)])  # even chunks; 5 -> chunks of 1; chunk > N
+def test_chunked_equals_whole_batch(n, chunk):
+    x = jax.random.uniform(jax.random.key(1), (n, 112, 112, 3), minval=-1, maxval=1)
+    a = jax.jit(F.dct_transform)(x)
+    b = jax.jit(lambda x: F.dct_transform(x, chunk_size=chunk))(x)
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-3)  # same ops per image
+    with pytest.raises(ValueError, match="chunk_size"):
+        F.dct_transform(x, chunk_size=0)
+
+
 def test_shuffle_is_random_per_sample_and_key():
     r = jax.random.normal(jax.random.key(1), (3, 112, 112, 192)) * 20
     k1, k2 = jax.random.split(jax.random.key(2))
