@@ -113,6 +113,33 @@ def test_conv_transpose_subpixel_gradients_match_lax():
 TINY = (4, 8, 16, 32, 64)
 
 
+def test_unet_default_init_is_torchs():
+    # TFace's U-Net sets no init: PyTorch's default, U(+-1/sqrt(fan_in)) for weights and biases,
+    # with fan_in = out * k * k for ConvTranspose2d (torch reads weight dim 1).
+    model = unet.UNet(in_channels=6, out_channels=6, widths=(8, 16))
+    x = jax.random.normal(jax.random.key(0), (2, 16, 16, 6)) * 50.0
+    params = model.init(jax.random.key(1), x)["params"]
+    fan_in = {"left_conv_1/conv_ReLU_0": 6 * 9, "left_conv_1/conv_ReLU_2": 8 * 9, "left_conv_2/conv_ReLU_0": 8 * 9,
+              "deconv_1": 8 * 9, "right_conv_1/conv_ReLU_0": 16 * 9, "right_conv_2": 8}
+    for path, n in fan_in.items():
+        node = params
+        for part in path.split("/"):
+            node = node[part]
+        bound = 1 / np.sqrt(n)
+        for leaf in ("kernel", "bias"):
+            v = np.asarray(node[leaf])
+            assert np.abs(v).max() <= bound + 1e-7, (path, leaf)
+            if v.size >= 64:  # uniform on [-b, b]: std b / sqrt(3)
+                np.testing.assert_allclose(v.std(), bound / np.sqrt(3), rtol=0.25, err_msg=f"{path}/{leaf}")
+    out, _ = model.apply({"params": params}, x)
+    he = unet.UNet(in_channels=6, out_channels=6, widths=(8, 16), init_scheme="he")
+    out_he, _ = he.apply(he.init(jax.random.key(1), x), x)
+    # the reference's untrained generator barely moves its input (MinusFace: r = x - g(x) ~ x)
+    assert float(jnp.std(out)) < 0.05 * float(jnp.std(x)) < float(jnp.std(out_he))
+    with pytest.raises(ValueError, match="init_scheme"):
+        unet.UNet(in_channels=6, out_channels=6, widths=(8, 16), init_scheme="xavier").init(jax.random.key(1), x)
+
+
 def _random_variables(shapes, seed=0):
     """He-scaled numpy weights for ``shapes``: no compiled ``init`` (XLA compiles dominate test time)."""
     rng = np.random.default_rng(seed)

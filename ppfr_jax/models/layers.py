@@ -10,6 +10,7 @@ PyTorch names (``weight``, ``bias``, ``running_mean``, ``running_var``).
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -108,13 +109,31 @@ class DepthwiseConv(nn.Module):
         return y
 
 
+def torch_default_init(fan_in: int):
+    """PyTorch's default ``Conv2d``/``Linear`` initialisation for a layer with ``fan_in`` inputs.
+
+    ``kaiming_uniform_(a=sqrt(5))`` for the weight and ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``
+    for the bias: both ``U(-b, b)`` with ``b = 1/sqrt(fan_in)``. Returns
+    ``(kernel_init, bias_init)``. For modules the reference builds without an explicit
+    init (TFace's U-Net), so training starts where the reference's does.
+    """
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init, init
+
+
 def conv(features: int, kernel: int | tuple[int, int], stride: int = 1, padding: int = 0, *,
          name: str, groups: int = 1, use_bias: bool = False, dtype: Dtype = jnp.float32,
-         param_dtype: Dtype = jnp.float32) -> nn.Module:
+         param_dtype: Dtype = jnp.float32, inits=None) -> nn.Module:
     """torch-style ``Conv2d`` (explicit symmetric padding, no bias by default).
 
     ``groups == features`` (the depthwise convs of MobileFaceNet and PFLD, where in ==
     out channels) returns :class:`DepthwiseConv`, which has the same parameters.
+    ``inits``: optional ``(kernel_init, bias_init)`` (e.g. ``torch_default_init``)
+    instead of He-normal (fan-out) weights and zero biases.
     """
     k = (kernel, kernel) if isinstance(kernel, int) else tuple(kernel)
     p = (padding, padding) if isinstance(padding, int) else tuple(padding)
@@ -130,7 +149,8 @@ def conv(features: int, kernel: int | tuple[int, int], stride: int = 1, padding:
         use_bias=use_bias,
         dtype=dtype,
         param_dtype=param_dtype,
-        kernel_init=_CONV_INIT,
+        kernel_init=inits[0] if inits else _CONV_INIT,
+        bias_init=inits[1] if inits else nn.initializers.zeros,
         name=name,
     )
 

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ppfr_jax.checkpoint_import import torch_to_flax
-from ppfr_jax.models.layers import conv
+from ppfr_jax.models.layers import conv, torch_default_init
 
 Dtype = Any
 
@@ -74,12 +74,18 @@ class ConvTranspose(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     impl: str = "auto"  # 'auto' | 'subpixel' | 'lax'
+    init_scheme: str = "he"  # 'he' | 'torch' (see UNet.init_scheme)
 
     @nn.compact
     def __call__(self, x):
         k = self.kernel
-        kernel = self.param("kernel", _CONVT_INIT, (k, k, self.features, x.shape[-1]), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+        if self.init_scheme == "torch":
+            # torch computes a ConvTranspose2d's fan-in from weight dim 1, i.e. out_channels * k * k
+            kernel_init, bias_init = torch_default_init(self.features * k * k)
+        else:
+            kernel_init, bias_init = _CONVT_INIT, nn.initializers.zeros
+        kernel = self.param("kernel", kernel_init, (k, k, self.features, x.shape[-1]), self.param_dtype)
+        bias = self.param("bias", bias_init, (self.features,), self.param_dtype)
         x, kernel, bias = (jnp.asarray(v, self.dtype) for v in (x, kernel, bias))
         subpixel_ok = (k, self.stride, self.padding, self.output_padding) == (3, 2, 1, 1)
         impl = self.impl
@@ -123,10 +129,10 @@ def _subpixel_x2(x, kernel):
 
 def conv_transpose(features: int, kernel: int, stride: int, padding: int, output_padding: int, *,
                    name: str | None, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-                   impl: str = "auto") -> ConvTranspose:
+                   impl: str = "auto", init_scheme: str = "he") -> ConvTranspose:
     """torch-style ``ConvTranspose2d(in, features, kernel, stride, padding, output_padding)``; see ``ConvTranspose``."""
     return ConvTranspose(features, kernel, stride, padding, output_padding, dtype=dtype,
-                         param_dtype=param_dtype, impl=impl, name=name)
+                         param_dtype=param_dtype, impl=impl, init_scheme=init_scheme, name=name)
 
 
 def torch_conv_transpose_kernel(w: np.ndarray) -> np.ndarray:
@@ -144,12 +150,16 @@ class ConvBlock(nn.Module):
     features: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    init_scheme: str = "he"  # 'he' | 'torch' (see UNet.init_scheme)
 
     @nn.compact
     def __call__(self, x):
         kw = dict(use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype)
-        x = nn.relu(conv(self.middle, 3, 1, 1, name="conv_ReLU_0", **kw)(x))
-        return nn.relu(conv(self.features, 3, 1, 1, name="conv_ReLU_2", **kw)(x))
+        torch = self.init_scheme == "torch"
+        x = nn.relu(conv(self.middle, 3, 1, 1, name="conv_ReLU_0",
+                         inits=torch_default_init(x.shape[-1] * 9) if torch else None, **kw)(x))
+        return nn.relu(conv(self.features, 3, 1, 1, name="conv_ReLU_2",
+                            inits=torch_default_init(self.middle * 9) if torch else None, **kw)(x))
 
 
 def _max_pool2(x):
@@ -168,6 +178,14 @@ class UNet(nn.Module):
       remat: rematerialise every ``ConvBlock`` in the backward pass
         (``nn.remat``); same numbers, much less activation memory at 112x112
         with 192 input channels.
+      init_scheme: ``'torch'`` (default): PyTorch's default layer initialisation,
+        which is what the reference trains from (TFace's U-Net sets none):
+        weights and biases ``U(+-1/sqrt(fan_in))``. Each conv + ReLU then
+        shrinks the signal's second moment ~6x, so an untrained generator's
+        output is ~1% of its input's scale and MinusFace's residue starts as
+        ``r ~ x``. ``'he'``: He-normal weights, zero biases (an untrained
+        generator's output is then as large as its input: ``r`` starts as
+        ``x`` minus a random function of ``x``).
 
     Methods (use ``model.apply(variables, x, method=...)``):
       ``__call__(x) -> (out, latent)``: out (N, H, W, out_channels), latent
@@ -181,14 +199,17 @@ class UNet(nn.Module):
     out_channels: int = 3
     widths: Sequence[int] = DEFAULT_WIDTHS
     remat: bool = False
+    init_scheme: str = "torch"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     def setup(self):
+        if self.init_scheme not in ("torch", "he"):
+            raise ValueError(f"UNet.init_scheme must be 'torch' or 'he', got {self.init_scheme!r}")
         if len(self.widths) < 2:
             raise ValueError(f"UNet needs at least two widths (one pooling level), got widths={self.widths}")
         block = nn.remat(ConvBlock) if self.remat else ConvBlock
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, init_scheme=self.init_scheme)
         w = tuple(self.widths)
         depth = len(w)
         # setattr keeps the reference's attribute names (left_conv_1, deconv_1, ...)
@@ -200,7 +221,8 @@ class UNet(nn.Module):
             setattr(self, f"deconv_{i}", conv_transpose(w[level], 3, 2, 1, 1, name=None, **kw))
             setattr(self, f"right_conv_{i}", block(w[level], w[level], **kw))
         setattr(self, f"right_conv_{depth}",
-                conv(self.out_channels, 1, use_bias=True, name=None, **kw))
+                conv(self.out_channels, 1, use_bias=True, name=None, dtype=self.dtype, param_dtype=self.param_dtype,
+                     inits=torch_default_init(w[0]) if self.init_scheme == "torch" else None))
 
     def _check_input(self, x):
         factor = 2 ** (len(self.widths) - 1)
