@@ -48,7 +48,9 @@ means and JSON stay finite.
 Attacker details: its input channels are standardised with a per-channel mean
 and std measured on the training data (the DCT channels span five
 orders of magnitude); (the first batch); its output is compared with the face in [-1, 1]
-(L1), and the recovered image is ``clip((out + 1) / 2, 0, 1)``. Adam with a
+(L1), and the recovered image is ``clip((out + 1) / 2, 0, 1)``. Its output
+conv starts at zero (first prediction: grey; a fan-in init on the heavy-tailed
+DCT inputs starts at L1 ~5 and stalls near the mean face). Adam with a
 cosine-decayed learning rate; one jitted step that also computes the
 representation from the raw batch (so MinusFace's training pairs get fresh
 keys at every step).
