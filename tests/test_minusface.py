@@ -198,3 +198,21 @@ def test_stage1_then_stage2_end_to_end(tmp_path):
     assert p.shape == (1, 2, 192) and not np.array_equal(p[0, 0], p[0, 1])
     np.testing.assert_array_equal(np.asarray(task.eval_permutations(images[::-1])), p[:, ::-1])
     np.testing.assert_array_equal(np.asarray(task.eval_permutations(images[:, :, ::-1])), p)
+
+
+def test_toy_trains_end_to_end(tmp_path):
+    # toy mode: U-Net on RGB, recogniser on X - g(X); a real (tiny) run through the engine
+    wd = str(tmp_path / "toy")
+    r = train.train_and_evaluate(minusface_config.get_config("toy,tiny"), wd)
+    res = json.load(open(os.path.join(wd, "results.json")))
+    assert r["steps"] == 2 and res["task"] == "minusface_toy"
+    v, step = minusface.restore_variables(wd)
+    assert step == 2
+    assert v["params"]["generator"]["left_conv_1"]["conv_ReLU_0"]["kernel"].shape == (3, 3, 3, 4)  # RGB in
+    assert v["params"]["recognizer"]["input_layer_0"]["kernel"].shape[2] == 3
+    # the trained toy generator's protection: X - g(X), RGB, finite
+    task = tasks.make_task(minusface_config.get_config("toy,tiny"), 10)
+    images = np.random.default_rng(0).integers(0, 256, (2, 112, 112, 3), dtype=np.uint8)
+    client = {"params": {"generator": v["params"]["generator"]}}
+    r = jax.jit(task.protect)(client, images, jax.random.key(0))
+    assert r.shape == (2, 112, 112, 3) and bool(jnp.isfinite(r).all())
