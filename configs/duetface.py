@@ -25,8 +25,9 @@ landmarks (``data.landmarks=True``, ROI from the dataset; verification uses
 the template ROI). The 192-channel DCT input makes a step ~3x the RGB demo's
 (client ~2 s, server ~4-6 s per batch of 64 on 2 cores), so the stages are
 short: client 8 epochs (336 steps), server 4 epochs (168 steps). Measured on
-a 2-core CPU shared with other jobs (load 4-15, so slower than a free
-machine): client 27 min -> DevTest 80.0%, server 41 min -> DevTest 80.6%::
+an idle 2-core CPU: client 7 min -> DevTest 80.3%, server 14 min -> 85.2%
+(the RGB baseline with the server's budget, ``configs/arcface.py:demo,match=duetface``:
+81.9%; bench/RESULTS.md)::
 
     python -m ppfr_jax.main --config configs/duetface.py:client,demo --workdir runs/duetface_client_demo
     python -m ppfr_jax.main --config configs/duetface.py:server,demo --workdir runs/duetface_server_demo

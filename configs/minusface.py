@@ -27,8 +27,11 @@ reference). ``config.minusface.num_aug`` records it; change it with the
 variant argument (``configs/minusface.py:stage2,num_aug=1``), not by
 overriding the field.
 
-``demo``: tiny U-Net (8-16-32-64-128) and tiny IR on the embedded LFW demo
-set, ~5 minutes per stage on a 2-core CPU (see bench/RESULTS.md)::
+``demo``: tiny U-Net (4-8-16-32-64) and tiny IR on the embedded LFW demo
+set, ~6 minutes per stage on an idle 2-core CPU (stage 1 42 steps -> DevTest
+60.2%, stage 2 84 steps -> 53.7%, i.e. chance at this budget; the RGB
+baseline with stage 2's budget, ``configs/arcface.py:demo,match=minusface``,
+reaches 80.1%: see bench/RESULTS.md)::
 
     python -m ppfr_jax.main --config configs/minusface.py:stage1,demo --workdir runs/minusface_stage1_demo
     python -m ppfr_jax.main --config configs/minusface.py:stage2,demo --workdir runs/minusface_stage2_demo
