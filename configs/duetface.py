@@ -22,7 +22,8 @@ Expected (server, IR-50, MS1Mv2): LFW 99.82, CFP-FP 97.79, AgeDB 97.93 (SPEC sec
 
 ``demo``: tiny client and server on the embedded LFW demo set with its stored
 landmarks (``data.landmarks=True``, ROI from the dataset; verification uses
-the template ROI). The 192-channel DCT input makes a step ~3x the RGB demo's
+the template ROI). The DCT input (and, for the server, the frozen client in its step) makes a step
+2-8x the RGB demo's 0.6 s
 (client ~1.2 s, server ~4.9 s per batch of 64 on 2 idle cores), so the stages are
 short: client 8 epochs (336 steps), server 4 epochs (168 steps). Measured on
 an idle 2-core CPU: client 7 min -> DevTest 80.3%, server 14 min -> 85.2%
