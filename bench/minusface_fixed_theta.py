@@ -12,7 +12,6 @@ This is not a protection mode: a fixed θ is what the privacy suite's fixed-θ a
 exploits.
 """
 import argparse
-import importlib.util
 import os
 import sys
 
@@ -22,7 +21,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from _common import emit  # noqa: E402
-from ppfr_jax import frequency, train  # noqa: E402
+from ppfr_jax import config_lib, frequency, train  # noqa: E402
 from ppfr_jax.models import minusface  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,11 +40,8 @@ def main():
         return jnp.broadcast_to(theta, (n_duplicate, batch, channels))
 
     minusface.draw_permutations = fixed  # both the training step and eval_permutations call it
-    path = os.path.join(ROOT, "configs", "minusface.py")
-    spec = importlib.util.spec_from_file_location("minusface_config", path)
-    cfg = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cfg)
-    config = cfg.get_config(f"stage2,demo,stage1_workdir={a.stage1}")
+    config = config_lib.load_config_spec(
+        os.path.join(ROOT, "configs", "minusface.py") + f":stage2,demo,stage1_workdir={a.stage1}")
     r = train.train_and_evaluate(config, a.workdir)
     emit({"bench": "minusface_stage2_fixed_theta", "theta_seed": a.theta_seed, "steps": r.get("steps"),
           "devtest_accuracy": r.get("devtest_accuracy"), "devtest_std": r.get("devtest_std"),

@@ -23,20 +23,11 @@ the equal-budget rows of bench/RESULTS.md:
 
     python -m ppfr_jax.main --config configs/arcface.py:demo,match=duetface --workdir runs/arcface_demo_duetface
 """
-import importlib.util
 import pathlib
 
 from ppfr_jax import config_lib
 
 MATCH = {"duetface": ("duetface.py", "server,demo"), "minusface": ("minusface.py", "stage2,demo")}
-
-
-def _sibling_config(file: str, arg: str):
-    path = pathlib.Path(__file__).with_name(file)
-    spec = importlib.util.spec_from_file_location(f"_ppfr_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
 
 
 def get_config(arg=None):
@@ -64,7 +55,8 @@ def get_config(arg=None):
     if a.match:
         if a.match not in MATCH or not a.demo:
             raise ValueError(f"configs/arcface.py: match={a.match!r} needs 'demo' and one of {sorted(MATCH)}")
-        other = _sibling_config(*MATCH[a.match])
+        file, variant = MATCH[a.match]
+        other = config_lib.load_config_spec(f"{pathlib.Path(__file__).with_name(file)}:{variant}")
         c.batch_size = other.batch_size
         c.num_epochs = other.num_epochs
         c.optim = other.optim

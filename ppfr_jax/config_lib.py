@@ -6,7 +6,9 @@ argument selects variants, e.g. ``--config configs/arcface.py:ir50`` or
 """
 from __future__ import annotations
 
+import importlib.util
 import os
+import pathlib
 
 import ml_collections
 
@@ -41,6 +43,22 @@ def parse_arg(arg: str | None, lazy: bool = False, **spec) -> ml_collections.Con
                 raise ValueError(f"unknown config variant {part!r}; known: {sorted(spec)}")
             out[part] = True
     return out
+
+
+def load_config_spec(spec: str, error: type[Exception] = ValueError) -> ml_collections.ConfigDict:
+    """``'configs/minusface.py:stage2,tiny'`` -> that file's ``get_config('stage2,tiny')``.
+
+    A missing file or one without ``get_config`` raises ``error`` naming the spec.
+    """
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise error(f"--config {spec!r}: {path} is not a file (expected configs/<name>.py[:variant])")
+    mod_spec = importlib.util.spec_from_file_location(f"_ppfr_config_{pathlib.Path(path).stem}", path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    if not hasattr(mod, "get_config"):
+        raise error(f"--config {spec!r}: {path} has no get_config()")
+    return mod.get_config(arg or None)
 
 
 def base_config() -> ml_collections.ConfigDict:

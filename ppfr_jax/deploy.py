@@ -49,7 +49,6 @@ import argparse
 import dataclasses
 import functools
 import hashlib
-import importlib.util
 import json
 import os
 import pathlib
@@ -63,7 +62,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ppfr_jax import frequency
+from ppfr_jax import config_lib, frequency
 
 METHODS = ("duetface", "minusface")
 TASK_METHOD = {"duetface": "duetface", "minusface_stage2": "minusface"}
@@ -118,19 +117,6 @@ def check_permutations(perms: np.ndarray, batch: int, n_duplicate: int,
 
 
 # ----------------------------------------------------------------------------- configs, variables
-
-
-def load_config_spec(spec: str) -> ml_collections.ConfigDict:
-    """``'configs/minusface.py:stage2,tiny'`` -> that file's ``get_config('stage2,tiny')``."""
-    path, _, arg = spec.partition(":")
-    if not os.path.isfile(path):
-        raise DeployError(f"--config {spec!r}: {path} is not a file (expected configs/<name>.py[:variant])")
-    mod_spec = importlib.util.spec_from_file_location(f"_ppfr_config_{pathlib.Path(path).stem}", path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    if not hasattr(mod, "get_config"):
-        raise DeployError(f"--config {spec!r}: {path} has no get_config()")
-    return mod.get_config(arg or None)
 
 
 def fingerprint(tree) -> str:
@@ -412,7 +398,7 @@ def load_deployment(workdir: str | None = None, *, config: ml_collections.Config
       DeployError naming what is wrong (no such run, wrong task, mismatched weights).
     """
     if isinstance(config, str):
-        config = load_config_spec(config)
+        config = config_lib.load_config_spec(config, error=DeployError)
     variables = None
     if workdir:
         from ppfr_jax import train

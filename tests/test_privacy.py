@@ -1,7 +1,6 @@
 """Privacy suite: metric values, the representations each row attacks, the end-to-end attack on ``tiny``."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -12,16 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ppfr_jax import evaluate, frequency, privacy
+from conftest import block_mean_recognizer
+from ppfr_jax import config_lib, evaluate, frequency, privacy
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def privacy_config(arg: str):
-    spec = importlib.util.spec_from_file_location("privacy_config", ROOT / "configs" / "privacy.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
+    return config_lib.load_config_spec(f"{ROOT / 'configs' / 'privacy.py'}:{arg}")
 
 
 @pytest.fixture(scope="module")
@@ -201,12 +198,7 @@ def test_balanced_pair_subset():
 
 @evaluate.register_model("_privacy_pixels")
 def _pixels(checkpoint):
-    """A stand-in recogniser (cheap): 8x8-pooled pixels."""
-    def apply_fn(x):
-        b = x.shape[0]
-        return x.reshape(b, 14, 8, 14, 8, 3).mean(axis=(2, 4)).reshape(b, -1)
-    return evaluate.Recognizer(apply_fn=apply_fn, preprocess=lambda x: x.astype(jnp.float32) / 127.5 - 1.0,
-                               input_hw=(112, 112), flip=None)
+    return block_mean_recognizer(flip=None)
 
 
 def test_attack_end_to_end_tiny(tmp_path):

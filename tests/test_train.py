@@ -80,6 +80,16 @@ def test_arcface_match_copies_the_method_budget():
         arcface.get_config("demo,match=cosface")
 
 
+def test_load_config_spec(tmp_path):
+    c = config_lib.load_config_spec(os.path.join(ROOT, "configs", "arcface.py") + ":demo,match=duetface")
+    assert c.num_epochs == 4.0 and c.model.backbone == "ir_tiny"
+    with pytest.raises(ValueError, match=r"nothing\.py is not a file"):
+        config_lib.load_config_spec(f"{tmp_path}/nothing.py:demo")
+    (tmp_path / "empty.py").write_text("X = 1\n")
+    with pytest.raises(KeyError, match="has no get_config"):  # the caller's error type
+        config_lib.load_config_spec(f"{tmp_path}/empty.py", error=KeyError)
+
+
 def test_bad_configs_name_the_field(tmp_path):
     cases = {
         "model.backbone": ("model.backbone", "resnet9000"),
