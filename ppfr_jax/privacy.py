@@ -276,6 +276,21 @@ def _missing(row: str, arg: str, why: str, how: str) -> RowUnavailable:
         f"configs/privacy.py argument (or allow_untrained=True to evaluate untrained weights)")
 
 
+def _restore_run(config, row: str, arg: str, restore, how: str):
+    """``restore(config.<row>.workdir, step)`` -> (variables, step); None for an untrained
+    stand-in when ``config.allow_untrained`` (tests), else a clear error saying how to make the run."""
+    section = config[row]
+    wd = section.get("workdir", "") or ""
+    try:
+        if not wd:
+            raise FileNotFoundError(f"config.{row}.workdir is empty")
+        return restore(wd, int(section.get("step", 0) or 0) or None)
+    except FileNotFoundError as e:
+        if not config.get("allow_untrained", False):
+            raise _missing(row, arg, str(e), how) from None
+        return None
+
+
 def load_duetface(config, rng) -> Representation:
     """The DuetFace row from ``config.duetface`` (see the module doc)."""
     from ppfr_jax.models import duetface
@@ -298,16 +313,12 @@ def load_duetface(config, rng) -> Representation:
     want = jax.eval_shape(init, jax.random.key(0), x_client, r)
     how = d.get("command", "") or "python -m ppfr_jax.main --config configs/duetface.py:server,demo " \
                                    "--workdir runs/duetface_server_demo"
-    try:
-        if not wd:
-            raise FileNotFoundError("config.duetface.workdir is empty")
-        ckpt, step = duetface.restore_engine_variables(wd, int(d.get("step", 0) or 0) or None)
-    except FileNotFoundError as e:
-        if not config.get("allow_untrained", False):
-            raise _missing("duetface", "duetface_workdir", str(e), how) from None
+    restored = _restore_run(config, "duetface", "duetface_workdir", duetface.restore_engine_variables, how)
+    if restored is None:
         variables = jax.jit(lambda k, *a: init(_init_key(k), *a))(rng, jnp.zeros(x_client.shape), jnp.zeros(r.shape))
         source = "untrained"
     else:
+        ckpt, step = restored
         frozen = ckpt.get("frozen", {}).get("client_model")
         params = ckpt["params"].get("duetface", {})
         if frozen is None or not any(k.startswith("attention_") for k in params):
@@ -341,16 +352,12 @@ def load_minusface_generator(config, rng):
     want = jax.eval_shape(gen.init, jax.random.key(0), x)["params"]
     how = mf.get("command", "") or "python -m ppfr_jax.main --config configs/minusface.py:stage1,demo " \
                                     "--workdir runs/minusface_stage1_demo"
-    try:
-        if not wd:
-            raise FileNotFoundError("config.minusface.workdir is empty")
-        ckpt, step = minusface.restore_variables(wd, int(mf.get("step", 0) or 0) or None)
-    except FileNotFoundError as e:
-        if not config.get("allow_untrained", False):
-            raise _missing("minusface", "minusface_workdir", str(e), how) from None
+    restored = _restore_run(config, "minusface", "minusface_workdir", minusface.restore_variables, how)
+    if restored is None:
         params = jax.jit(lambda k, x: gen.init(_init_key(k), x))(rng, jnp.zeros(x.shape))["params"]
         source = "untrained"
     else:
+        ckpt, step = restored
         params = ckpt["params"].get("generator")
         if params is None:
             raise ValueError(f"config.minusface.workdir={wd!r}: the checkpoint of step {step} has no generator "
