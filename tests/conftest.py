@@ -75,6 +75,17 @@ def assert_summarised_close(g: dict, name: str, actual_nchw: np.ndarray, atol: f
                                atol=atol if mean_atol is None else mean_atol, err_msg=f"{name}: channel means")
 
 
+def block_mean_recognizer(flip):
+    """A cheap stand-in recogniser for ``evaluate.register_model``: 8x8 block means of the pixels."""
+    from ppfr_jax import evaluate
+
+    def apply_fn(x):
+        b = x.shape[0]
+        return x.reshape(b, 14, 8, 14, 8, 3).mean(axis=(2, 4)).reshape(b, -1)
+    return evaluate.Recognizer(apply_fn=apply_fn, preprocess=lambda x: x.astype(np.float32) / 127.5 - 1.0,
+                               input_hw=(112, 112), flip=flip)
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> pathlib.Path:
     if not (SHARED / "data").is_dir():

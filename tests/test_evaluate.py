@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import load_golden, suggested_atol
+from conftest import block_mean_recognizer, load_golden, suggested_atol
 from ppfr_jax import evaluate as ev
 
 
@@ -298,12 +298,7 @@ def test_demo_set():
 
 @ev.register_model("_test_pixels")
 def _pixels(checkpoint):
-    """A stand-in recogniser: 8x8 block means of the pixels."""
-    def apply_fn(x):
-        b = x.shape[0]
-        return x.reshape(b, 14, 8, 14, 8, 3).mean(axis=(2, 4)).reshape(b, -1)
-    return ev.Recognizer(apply_fn=apply_fn, preprocess=lambda x: x.astype(np.float32) / 127.5 - 1.0,
-                         input_hw=(112, 112), flip="sum")
+    return block_mean_recognizer(flip="sum")
 
 
 def test_cli_on_demo(tmp_path, capsys):
