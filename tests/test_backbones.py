@@ -265,3 +265,44 @@ def test_depthwise_shifted_matches_grouped_conv(stride, padding, kernel):
     np.testing.assert_allclose(outs["shifted"], outs["lax"], rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.tree.leaves(grads["shifted"]), jax.tree.leaves(grads["lax"])):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape,stride,padding,kernel,sub", [
+    ((2, 16, 12, 5), 2, 1, 3, True),    # the case it rewrites (even H, W)
+    ((2, 15, 12, 5), 2, 1, 3, False),   # odd height: lax
+    ((2, 16, 12, 5), 2, 0, 1, False),   # 1x1 stride-2 shortcut: lax
+    ((2, 16, 12, 5), 1, 1, 3, False),   # stride 1: lax
+])
+def test_cpu_strided_conv_matches_lax(shape, stride, padding, kernel, sub):
+    """``cpu_strided_conv`` (what ``layers.conv`` uses on the CPU) == lax, values and both gradients."""
+    from ppfr_jax.models import layers
+
+    x = jax.random.normal(jax.random.key(0), shape)
+    w = jax.random.normal(jax.random.key(1), (kernel, kernel, shape[-1], 7))
+    dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+    pad = [(padding, padding)] * 2
+
+    def loss(f, x, w):
+        y = f(x, w, (stride, stride), pad, dimension_numbers=dn, precision="highest")
+        return jnp.sum(jnp.sin(y)), y
+
+    (l0, y0), g0 = jax.value_and_grad(functools.partial(loss, jax.lax.conv_general_dilated), (0, 1), has_aux=True)(x, w)
+    (l1, y1), g1 = jax.value_and_grad(functools.partial(loss, layers.cpu_strided_conv), (0, 1), has_aux=True)(x, w)
+    np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g1, g0):  # float32 sums of up to 9*5*7 terms in another order
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda x: loss(layers.cpu_strided_conv, x, w)[0]))(x))
+    assert ("custom_vjp_call" in jaxpr) == sub
+
+
+def test_conv_layer_uses_the_strided_cpu_path_with_the_same_params():
+    from ppfr_jax.models import layers
+
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+    m = layers.conv(6, 3, 2, 1, name="c")
+    v = m.init(jax.random.key(1), x)
+    assert jax.tree.map(jnp.shape, v) == {"params": {"kernel": (3, 3, 4, 6)}}
+    ref = jax.lax.conv_general_dilated(x, v["params"]["kernel"], (2, 2), [(1, 1), (1, 1)],
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(m.apply(v, x), ref, rtol=1e-5, atol=1e-5)
+    assert m.conv_general_dilated is layers.cpu_strided_conv  # tests run on the CPU

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ppfr_jax.checkpoint_import import torch_to_flax
-from ppfr_jax.models.layers import conv, torch_default_init
+from ppfr_jax.models.layers import conv, subpixel_conv_transpose_x2, torch_default_init
 
 Dtype = Any
 
@@ -101,30 +101,10 @@ class ConvTranspose(nn.Module):
                 raise ValueError(f"{self.name}: impl='subpixel' covers kernel 3, stride 2, padding 1, "
                                  f"output_padding 1 only, got {k}, {self.stride}, {self.padding}, "
                                  f"{self.output_padding}")
-            y = _subpixel_x2(x, kernel)
+            y = subpixel_conv_transpose_x2(x, kernel)
         else:
             raise ValueError(f"{self.name}: impl must be 'auto', 'subpixel' or 'lax', got {self.impl!r}")
         return y + bias
-
-
-def _subpixel_x2(x, kernel):
-    """k=3, s=2, p=1, op=1 transposed conv as four stride-1 convs. x (N, H, W, I), kernel (3, 3, O, I)."""
-    w = jnp.swapaxes(kernel, 2, 3)  # HWIO
-    n, h, wd, _ = x.shape
-    xp = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))  # x[H] = x[W] = 0 for the last odd row/column
-
-    def conv(inp, ker):
-        return jax.lax.conv_general_dilated(inp, ker, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-    # Along each axis: even outputs take tap 1 of x[m]; odd outputs take tap 2 of x[m]
-    # and tap 0 of x[m+1], i.e. the kernel slice [2, 0] = w[::-2].
-    ee = conv(x, w[1:2, 1:2])
-    eo = conv(xp[:, :h], w[1:2, ::-2])
-    oe = conv(xp[:, :, :wd], w[::-2, 1:2])
-    oo = conv(xp, w[::-2, ::-2])
-    even = jnp.stack([ee, eo], axis=3)  # (N, H, W, 2, O): column phase
-    odd = jnp.stack([oe, oo], axis=3)
-    return jnp.stack([even, odd], axis=2).reshape(n, 2 * h, 2 * wd, -1)
 
 
 def conv_transpose(features: int, kernel: int, stride: int, padding: int, output_padding: int, *,
