@@ -48,7 +48,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from _common import emit, memory_stats  # noqa: E402
+from _common import emit, memory_stats, profile_breakdown  # noqa: E402
 
 # case -> (config module, variant argument, frozen weights it needs)
 CASES = {
@@ -144,7 +144,7 @@ def load_config(name: str, root: str):
     return cfg
 
 
-def run_case(name, batch, steps, warmup, bf16, num_classes):
+def run_case(name, batch, steps, warmup, bf16, num_classes, profile_dir="", profile_steps=3):
     from ppfr_jax import train
 
     with tempfile.TemporaryDirectory(prefix=f"bench_{name}_") as root:
@@ -177,6 +177,19 @@ def run_case(name, batch, steps, warmup, bf16, num_classes):
             times.append(time.perf_counter() - t)
         losses.append(loss)
     med = float(np.median(times))
+    profile = None
+    if profile_dir:  # traced after the timed steps, so tracing does not slow what is reported
+        trace_dir = os.path.join(profile_dir, name)
+        os.makedirs(trace_dir, exist_ok=True)
+        hlo = compiled.as_text()
+        with open(os.path.join(trace_dir, "train_step.hlo.txt"), "w") as f:
+            f.write(hlo)
+        with jax.profiler.trace(trace_dir):
+            for _ in range(profile_steps):
+                state, m = compiled(state, batch_arr, rng)
+                float(m["loss"])
+        profile = dict(profile_breakdown(trace_dir, hlo, profile_steps), trace_dir=trace_dir,
+                       traced_steps=profile_steps)
     dev = jax.devices()[0]
     rec = {"bench": name, "batch_size": batch, "global_batch": setup.global_batch, "num_classes": num_classes,
            "bf16": bool(bf16), "warmup": warmup, "steps": steps, "median_s": med, "min_s": min(times),
@@ -186,6 +199,8 @@ def run_case(name, batch, steps, warmup, bf16, num_classes):
            "flops_per_step": flops_dev * jax.device_count(), "flops_per_step_per_device": flops_dev,
            "achieved_flops_per_s": flops_dev * jax.device_count() / med, "devices": jax.device_count(),
            "config": f"configs/{CASES[name][0]}.py:{CASES[name][1]}", "xla_flags": os.environ.get("XLA_FLAGS", "")}
+    if profile:
+        rec["profile"] = profile
     if mem:
         rec["xla_peak_bytes_per_device"] = mem["peak_bytes"]
         rec["xla_memory"] = mem
@@ -215,6 +230,11 @@ def main():
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--compile-cache", default="", help="persistent XLA compilation cache directory")
     p.add_argument("--out", default="", help="also append the JSON lines to this file")
+    p.add_argument("--profile", default="", metavar="DIR",
+                   help="after the timed steps, trace --profile-steps more with jax.profiler into DIR/<case> "
+                        "(TensorBoard's profile plugin or Perfetto read it; the optimised HLO is saved beside) "
+                        "and add a per-instruction breakdown ('profile') to the JSON line")
+    p.add_argument("--profile-steps", type=int, default=3)
     a = p.parse_args()
     if a.steps < 1 or a.warmup < 0:
         p.error("need --steps >= 1 and --warmup >= 0")
@@ -226,7 +246,7 @@ def main():
     if unknown:
         p.error(f"--cases: unknown {unknown}; known: {ALL_CASES}")
     for name in names:
-        rec = emit(run_case(name, batch, a.steps, a.warmup, a.bf16, a.num_classes))
+        rec = emit(run_case(name, batch, a.steps, a.warmup, a.bf16, a.num_classes, a.profile, a.profile_steps))
         if a.out:
             with open(a.out, "a") as f:
                 f.write(rec + "\n")
