@@ -12,7 +12,7 @@ torch runs on ``--threads`` threads (default 2 on the CPU), XLA:CPU on its own i
 pool, one thread per core this process may use (recorded as ``xla_cpu_threads``).
 
 ``--ours-xla-flags`` sets ``XLA_FLAGS`` for our runs only (recorded as ``ours_xla_flags`` and
-in each run's ``xla_flags``), e.g. ``--ours-xla-flags=--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce``.
+in each run's ``xla_flags``), e.g. ``--ours-xla-flags=--xla_cpu_experimental_ynn_fusion_type=dot,reduce``.
 
 The reference is never imported here: it runs as a separate process, from sources outside
 this checkout (``--tface``, ``--torchjpeg``; see ``../shared/reference/README.md``).
