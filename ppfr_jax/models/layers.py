@@ -125,6 +125,11 @@ def torch_default_init(fan_in: int):
     return init, init
 
 
+def _conv_nhwc(x, w, strides, padding, precision=None):
+    return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        precision=precision)
+
+
 def subpixel_conv_transpose_x2(x, kernel):
     """torch ``ConvTranspose2d(k=3, s=2, p=1, output_padding=1)`` as four stride-1 convs.
 
@@ -137,9 +142,7 @@ def subpixel_conv_transpose_x2(x, kernel):
     w = jnp.swapaxes(kernel, 2, 3)  # HWIO
     n, h, wd, _ = x.shape
     xp = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))  # x[H] = x[W] = 0 for the last odd row/column
-
-    def conv(inp, ker):
-        return jax.lax.conv_general_dilated(inp, ker, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    conv = functools.partial(_conv_nhwc, strides=(1, 1), padding="VALID")
 
     # Along each axis: even outputs take tap 1 of x[m]; odd outputs take tap 2 of x[m]
     # and tap 0 of x[m+1], i.e. the kernel slice [2, 0] = w[::-2].
@@ -152,14 +155,12 @@ def subpixel_conv_transpose_x2(x, kernel):
     return jnp.stack([even, odd], axis=2).reshape(n, 2 * h, 2 * wd, -1)
 
 
-def _conv_nhwc(x, w, strides, padding, precision=None):
-    return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                        precision=precision)
+_S2, _PAD1 = (2, 2), ((1, 1), (1, 1))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _conv3x3_s2(x, w, precision=None):
-    return _conv_nhwc(x, w, (2, 2), ((1, 1), (1, 1)), precision)
+    return _conv_nhwc(x, w, _S2, _PAD1, precision)
 
 
 def _conv3x3_s2_fwd(x, w, precision):
@@ -170,7 +171,7 @@ def _conv3x3_s2_bwd(precision, res, g):
     x, w = res
     # d/dx of y[i] = sum_a x[2i - 1 + a] w[a] is the k3 s2 p1 op1 transposed conv of g (H even)
     dx = subpixel_conv_transpose_x2(g, w.astype(g.dtype)).astype(x.dtype)
-    dw = jax.vjp(lambda k: _conv_nhwc(x, k, (2, 2), ((1, 1), (1, 1)), precision), w)[1](g)[0]
+    dw = jax.vjp(lambda k: _conv_nhwc(x, k, _S2, _PAD1, precision), w)[1](g)[0]
     return dx, dw
 
 
@@ -192,8 +193,8 @@ def cpu_strided_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_d
              and batch_group_count == 1 and preferred_element_type is None)
     nhwc = dimension_numbers is not None and tuple(getattr(dimension_numbers, "lhs_spec", ())) == (0, 3, 1, 2) \
         and tuple(dimension_numbers.rhs_spec) == (3, 2, 0, 1) and tuple(dimension_numbers.out_spec) == (0, 3, 1, 2)
-    if (plain and nhwc and tuple(window_strides) == (2, 2) and rhs.shape[:2] == (3, 3)
-            and [tuple(p) for p in padding] == [(1, 1), (1, 1)] and lhs.ndim == 4
+    if (plain and nhwc and tuple(window_strides) == _S2 and rhs.shape[:2] == (3, 3)
+            and tuple(map(tuple, padding)) == _PAD1 and lhs.ndim == 4
             and lhs.shape[1] % 2 == 0 and lhs.shape[2] % 2 == 0):
         return _conv3x3_s2(lhs, rhs, precision)
     return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
