@@ -139,6 +139,31 @@ def test_non_finite_loss_stops_and_keeps_checkpoints(tmp_path):
     assert set(before) <= set(os.listdir(os.path.join(wd, "checkpoints")))
 
 
+def test_non_finite_step_leaves_the_state_unchanged():
+    # lr 1e30 overflows within a few steps; the first non-finite step must return the state it got
+    c = tiny_config(**{"optim.lr": 1e30})
+    mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+    setup = train.build(c, c.data.num_classes, 1000, mesh)
+    state = train.init_state(setup, jax.random.key(0))
+    step = train.compile_train_step(setup)
+    src = train.synthetic_batches(c, setup.global_batch, 0, c.data.num_classes)
+    changed = False
+    for i in range(12):
+        before = jax.device_get(state)  # the step donates its input
+        state, m = step(state, train.make_global_batch(next(src), mesh), jax.random.key(1))
+        if int(state.bad_step) >= 0:
+            break
+        changed |= not np.array_equal(before.params["head"]["kernel"], np.asarray(state.params["head"]["kernel"]))
+    else:
+        pytest.fail("lr=1e30 never produced a non-finite step")
+    assert changed, "the good steps before it should have moved the parameters"
+    assert int(state.bad_step) == i and int(state.step) == i + 1
+    after = jax.device_get(state)
+    for name in ("params", "opt_state", "model_state"):
+        jax.tree.map(np.testing.assert_array_equal, getattr(after, name), getattr(before, name))
+    assert not np.isfinite(float(m["loss"])) or not np.isfinite(float(m["grad_norm"]))
+
+
 def test_checkpoint_from_8_devices_restores_on_4(tmp_path):
     c = tiny_config()
     eight = Mesh(np.asarray(jax.devices()).reshape(8, 1), ("data", "model"))
