@@ -51,3 +51,21 @@ def test_profile_breakdown_of_a_traced_step(tmp_path):
 def test_profile_breakdown_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="xplane"):
         _common.profile_breakdown(str(tmp_path), "", steps=1)
+
+
+def test_conv_layers_times_forward_and_both_gradients():
+    import conv_layers
+
+    x = jnp.ones((2, 6, 6, 4)); w = jnp.ones((3, 3, 4, 5)); dy = jnp.ones((2, 6, 6, 5))
+    hlo = conv_layers.train_fn().lower(x, w, dy).compile().as_text()
+    # forward, input gradient and kernel gradient all survive dead-code elimination
+    assert hlo.count(" convolution(") == 3, hlo
+    y, dx, dw = conv_layers.train_fn()(x, w, dy)
+    ref = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(y, ref, rtol=1e-6)
+    assert dx.shape == x.shape and dw.shape == w.shape
+    (rec,) = conv_layers.ours([(6, 4, 5)], batch=2, dtype="float32", repeats=2)
+    assert rec["shape"] == [6, 4, 5] and rec["median_ms"] > 0
+    assert rec["gflops_per_s"] == pytest.approx(3 * conv_layers.conv_flops(2, 6, 4, 5) / rec["median_ms"] / 1e6)
+    with pytest.raises(SystemExit, match="HxCINxCOUT"):
+        conv_layers.parse_shapes("14x256")
