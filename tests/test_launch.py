@@ -65,7 +65,7 @@ def _parse_echo(out):
     return env, argv.splitlines()
 
 
-@pytest.mark.parametrize("script", [TPU, GPU, SLURM])
+@pytest.mark.parametrize("script", [TPU, GPU, SLURM, os.path.join(ROOT, "bench", "gpu_run.sh")])
 def test_bash_syntax(script):
     r = subprocess.run(["bash", "-n", script], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -325,3 +325,52 @@ def test_slurm_task_wrapper_initialises_jax_distributed(tmp_path):
     assert all(g["process_count"] == 2 and g["device_count"] == 2 for g in got)
     # all three 'GPUs' of the node stay visible to the node's one process
     assert all(g["visible"] == "0,1,2" for g in got)
+
+
+# ----------------------------------------------------------------------------- bench/gpu_run.sh
+
+
+GPU_RUN = os.path.join(ROOT, "bench", "gpu_run.sh")
+
+
+def _gpu_run_tree(tmp_path, prepared=True):
+    """A copy of bench/gpu_run.sh in a scratch tree (it cds to its parent's parent)."""
+    (tmp_path / "bench").mkdir(parents=True)
+    shutil.copy(GPU_RUN, tmp_path / "bench" / "gpu_run.sh")
+    if prepared:
+        (tmp_path / ".whl").mkdir()
+        (tmp_path / ".whl" / "x-1-py3-none-any.whl").write_text("")
+        (tmp_path / ".ref").mkdir()
+        (tmp_path / ".ref" / "ref_bench.py").write_text("")
+    return str(tmp_path / "bench" / "gpu_run.sh")
+
+
+def test_gpu_run_phases_call_the_benchmarks_with_the_issue_settings(tmp_path):
+    script = _gpu_run_tree(tmp_path)
+    # a stand-in interpreter that records each call's argv on one line
+    bindir = _fake(tmp_path, "fakepy", 'echo "CALL $*" >> "$(dirname "$0")/calls.txt"')
+    out = tmp_path / "out"
+    r = _bash(script, "run", str(out), "bf16", "train", "fp32", env=_env(PYTHON=os.path.join(bindir, "fakepy")))
+    assert r.returncode == 0, r.stderr
+    calls = (tmp_path / "bin" / "calls.txt").read_text().splitlines()
+    assert calls[0].startswith("CALL -m pip install") and "--target /tmp/site" in calls[0]
+    bf16, train, fp32 = [c for c in calls if "bench/" in c]
+    for c in (bf16, fp32):
+        assert "bench/compare.py" in c and "--device cuda" in c and "--batch 64" in c
+        assert "--ref-bench .ref/ref_bench.py" in c and "--cases all" in c
+    assert "--ours-args=--bf16 --ref-args=--amp" in bf16 and "--amp" not in fp32
+    assert f"--out {out}/compare_bf16.jsonl" in bf16 and f"--out {out}/compare_fp32.jsonl" in fp32
+    assert "bench/train_step.py" in train and "--bf16" in train and "--batch 64" in train
+    assert "--profile /tmp/ppfr_gpu_profile" in train and f"--out {out}/train_step_bf16.jsonl" in train
+    assert {p.name for p in out.iterdir()} == {"log_bf16.txt", "log_train.txt", "log_fp32.txt"}
+
+
+def test_gpu_run_errors(tmp_path):
+    r = _bash(_gpu_run_tree(tmp_path / "a", prepared=False), "run", str(tmp_path / "out"))
+    assert r.returncode == 2 and ".whl/ or .ref/ missing" in r.stderr and "prepare" in r.stderr
+    script = _gpu_run_tree(tmp_path / "b")
+    r = _bash(script)
+    assert r.returncode == 2 and "usage" in r.stderr
+    bindir = _fake(tmp_path, "fakepy", "true")
+    r = _bash(script, "run", str(tmp_path / "out"), "fp16", env=_env(PYTHON=os.path.join(bindir, "fakepy")))
+    assert r.returncode == 2 and "unknown phase 'fp16'" in r.stdout + r.stderr
