@@ -41,6 +41,16 @@ def conv_flops(batch, h, ci, co):
     return 2 * batch * h * h * ci * co * 9
 
 
+def with_rate(rec, batch):
+    """``rec`` plus ``gflops_per_s``: of forward + input grad + kernel grad (3x the forward's
+    FLOPs) for a conv row (``shape``), of one 2n^3 product for a GEMM row (``gemm``)."""
+    if "shape" in rec:
+        flops = 3 * conv_flops(batch, *rec["shape"])
+    else:
+        flops = 2 * rec["gemm"] ** 3
+    return dict(rec, gflops_per_s=flops / (rec["median_ms"] / 1e3) / 1e9)
+
+
 def train_fn():
     """x, w, dy -> (y, dx, dw) of one NHWC/HWIO 3x3 stride-1 pad-1 convolution, all three live."""
     def conv(x, w):
@@ -64,9 +74,8 @@ def ours(shapes, batch, dtype, repeats):
         w = jnp.asarray(rng.standard_normal((3, 3, ci, co)) * 0.05, dt)
         dy = jnp.asarray(rng.standard_normal((batch, h, h, co)), dt)
         med, mn = time_fn(fn, x, w, dy, warmup=2, repeats=repeats)
-        fl = 3 * conv_flops(batch, h, ci, co)
-        out.append({"framework": "jax", "shape": [h, ci, co], "median_ms": med * 1e3, "min_ms": mn * 1e3,
-                    "gflops_per_s": fl / med / 1e9})
+        out.append(with_rate({"framework": "jax", "shape": [h, ci, co], "median_ms": med * 1e3,
+                              "min_ms": mn * 1e3}, batch))
     return out
 
 
@@ -74,8 +83,8 @@ def ours_gemm(n, dtype, repeats):
     dt = jnp.dtype(dtype)
     a = jnp.asarray(np.random.default_rng(1).standard_normal((n, n)), dt)
     f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
-    med, mn = time_fn(f, a, a, warmup=1, repeats=repeats)
-    return {"framework": "jax", "gemm": n, "median_ms": med * 1e3, "gflops_per_s": 2 * n ** 3 / med / 1e9}
+    med, _ = time_fn(f, a, a, warmup=1, repeats=repeats)
+    return with_rate({"framework": "jax", "gemm": n, "median_ms": med * 1e3}, 0)
 
 
 TORCH_SCRIPT = r"""
@@ -100,14 +109,12 @@ for h, ci, co in shapes:
             y = conv(x)
         y.backward(dy.to(y.dtype))
     med, mn = timed(step)
-    fl = 3 * 2 * batch * h * h * ci * co * 9
     print(json.dumps({"framework": "torch", "shape": [h, ci, co], "median_ms": med * 1e3, "min_ms": mn * 1e3,
-                      "gflops_per_s": fl / med / 1e9, "torch": torch.__version__,
-                      "threads": torch.get_num_threads()}), flush=True)
-a = torch.randn(gemm, gemm, dtype=torch.bfloat16 if bf16 else torch.float32)
-med, _ = timed(lambda: a @ a)
-print(json.dumps({"framework": "torch", "gemm": gemm, "median_ms": med * 1e3,
-                  "gflops_per_s": 2 * gemm ** 3 / med / 1e9}), flush=True)
+                      "torch": torch.__version__, "threads": torch.get_num_threads()}), flush=True)
+if gemm:
+    a = torch.randn(gemm, gemm, dtype=torch.bfloat16 if bf16 else torch.float32)
+    med, _ = timed(lambda: a @ a)
+    print(json.dumps({"framework": "torch", "gemm": gemm, "median_ms": med * 1e3}), flush=True)
 """
 
 
@@ -119,7 +126,7 @@ def torch_runs(python, shapes, batch, dtype, repeats, gemm):
         raise SystemExit(f"--torch-python {python!r}: no such interpreter")
     except subprocess.CalledProcessError as e:
         raise SystemExit(f"torch run failed ({python}): {e.stderr.strip()[-2000:]}")
-    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    return [with_rate(json.loads(line), batch) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
 def parse_shapes(text):
