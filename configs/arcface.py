@@ -60,6 +60,9 @@ def get_config(arg=None):
         c.batch_size = other.batch_size
         c.num_epochs = other.num_epochs
         c.optim = other.optim
+        c.head = other.head
+        for k in ("backbone", "embedding_size", "dropout"):
+            c.model[k] = other.model[k]
     if a.tiny:  # seconds, for tests
         c.data.source = "synthetic"
         c.data.num_classes = 10

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_summarised_close, golden_state_dict, load_golden, suggested_atol
-from ppfr_jax import config_lib, frequency, tasks, train
+from ppfr_jax import config_lib, frequency, losses, tasks, train
 from ppfr_jax.models import minusface
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -198,6 +198,30 @@ def test_stage1_then_stage2_end_to_end(tmp_path):
     assert p.shape == (1, 2, 192) and not np.array_equal(p[0, 0], p[0, 1])
     np.testing.assert_array_equal(np.asarray(task.eval_permutations(images[::-1])), p[:, ::-1])
     np.testing.assert_array_equal(np.asarray(task.eval_permutations(images[:, :, ::-1])), p)
+
+    # recorded permutations in the batch (bench/train_parity.py) replace the per-step draw: the loss
+    # no longer depends on the step's rng, and equals the one computed from those permutations by hand
+    perms = np.stack([np.random.default_rng(s).permutation(192) for s in range(2)])[:, None]  # (B, 1, 192)
+    batch = {"image": images, "label": np.array([1, 2], np.int32), "perms": perms.astype(np.int32)}
+    ms = {"batch_stats": v2["batch_stats"]}
+    width = v2["params"]["head"]["kernel"].shape[1]  # the engine pads the class axis
+    task = tasks.make_task(c2, 10, width)
+    loss_fn = jax.jit(lambda b, k: task.loss(v2["params"], ms, b, k, train=False)[0])
+    l1, l2 = float(loss_fn(batch, jax.random.key(1))), float(loss_fn(batch, jax.random.key(2)))
+    assert l1 == l2
+    x_p = task.protect(client, images, perms=jnp.swapaxes(jnp.asarray(perms), 0, 1))
+    (logits, _) = task.head.apply({"params": v2["params"]["head"]}, task.recognize(both, x_p), batch["label"])
+    np.testing.assert_allclose(l1, float(losses.softmax_cross_entropy(logits, batch["label"])), rtol=1e-5)
+    assert float(loss_fn(dict(batch, perms=perms[::-1].copy()), jax.random.key(1))) != l1
+
+    # the demo report reads both runs: regeneration / residue / X_p quality, accuracies, a picture
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import minusface_demo
+    rep = minusface_demo.report(s1, s2, out_dir=str(tmp_path / "report"), n_images=4)
+    assert rep["images"] == 4 and rep["stage1_steps"] == 2 and rep["stage2_steps"] == 2
+    for k in ("regeneration_psnr", "residue_psnr", "xp_psnr"):
+        assert np.isfinite(rep[k]) and 0 < rep[k] <= 100, (k, rep[k])
+    assert os.path.getsize(rep["grid"]) > 1000
 
 
 def test_toy_trains_end_to_end(tmp_path):

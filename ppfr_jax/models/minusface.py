@@ -333,7 +333,10 @@ class MinusFaceTask(tasks.RecognitionTask):
         if self.mode == "stage2":
             # belt and braces next to the 'frozen' optimiser group: no gradient is even computed for g
             params = {**params, "generator": jax.lax.stop_gradient(params["generator"])}
-        out, upd = self.model.apply(self._model_vars(params, model_state), x, train=train, key=r_s,
+        perms = batch.get("perms")  # (B, n_duplicate, 192): recorded shuffles (parity runs), batch-major
+        if perms is not None:
+            perms = jnp.swapaxes(perms, 0, 1)
+        out, upd = self.model.apply(self._model_vars(params, model_state), x, train=train, key=r_s, perms=perms,
                                     rngs={"dropout": r_d}, mutable=["batch_stats"])
         new_state = dict(model_state)
         if "batch_stats" in upd:

@@ -1,0 +1,270 @@
+"""Training parity with the PyTorch reference: N SGD steps from identical starting points.
+
+    python bench/train_parity.py --ref-python REFVENV/bin/python --tface DIR/TFace --torchjpeg DIR/torchjpeg \\
+        [--cases arcface_ir18_rgb,minusface_stage1,minusface_stage2] [--steps 20] [--out FILE]
+
+For each case the reference goes first (``bench/ref_parity_torch.py`` in a separate process
+of ``--ref-python``, the reference's own virtual environment; its sources stay outside this
+checkout, see ``../shared/reference/README.md``): it builds its model and head with fresh
+torch weights, saves that state_dict, and runs ``--steps`` SGD steps. Ours then imports the
+same state_dict (``import_torch_state_dict`` of the model, the head's kernel as is) and runs
+the same steps through the engine's real jitted ``train_step`` (``ppfr_jax.train``).
+
+Both sides see the same batch of real demo faces and labels (the first batch of the demo
+pipeline, ``--batch`` faces), the same per-sample channel permutations for MinusFace stage 2
+(drawn once here and used at every step, or with ``--fresh-perms`` a new set per step as
+in training; ours reads them from ``batch['perms']``), the same
+optimiser (SGD, momentum 0.9, weight decay 5e-4, constant LR: 0.1 ArcFace, 0.01 MinusFace,
+generator x0.1 in stage 1) and the same head (ArcFace s=64, m=0.5, the demo's 115
+identities). Two things are set alike rather than taken from the configs, and said so in
+the output: dropout is 0 on both sides (masks cannot be drawn alike), and weight decay
+applies to every parameter on both sides (the reference's rule for these models; ours
+otherwise decays kernels only).
+
+One JSON line per case: both loss curves, ``max_rel_loss_diff`` (largest |ours - ref| /
+max(|ref|, 1) over the steps), ``param_rel_diff`` (||ours - ref|| / ||ref|| after the last step, for
+a few named tensors, and ``param_rel_diff_max`` over all of them), ``tolerance``, ``ok``.
+
+Tolerance (``--rtol``, default 2e-2 on the loss, 5e-2 on parameters): both sides compute in
+float32 but with different convolution algorithms (oneDNN vs XLA:CPU) and summation orders;
+those ~1e-6 relative differences grow through 20 steps of SGD with momentum (ArcFace's
+s=64 amplifies logit differences), so the curves agree to about 1e-3 rather than 1e-6.
+A real divergence (a wrong term, a missing gradient) shows as 10% or more within a few steps.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "configs"))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from _common import emit  # noqa: E402
+
+CASES = {  # case -> (config module, variant, lr, generator lr multiplier)
+    "arcface_ir18_rgb": ("arcface", "ir18", 0.01, None),
+    "minusface_stage1": ("minusface", "stage1,ir18", 0.01, 0.1),
+    "minusface_stage2": ("minusface", "stage2,ir18", 0.01, None),
+}
+DEFAULT_CASES = ",".join(CASES)
+NUM_CLASSES = 115  # the demo set's identities
+
+
+def demo_batch(batch: int, seed: int = 0) -> dict:
+    """The first ``batch`` faces of the demo pipeline: image (B,112,112,3) uint8, label (B,) int32."""
+    import importlib
+    from ppfr_jax import train
+    cfg = importlib.import_module("arcface").get_config("demo")
+    cfg.batch_size = batch
+    cfg.seed = seed
+    it, _, _ = train.train_source(cfg, batch, 0)
+    b = next(iter(it))
+    return {"image": np.asarray(b["image"]), "label": np.asarray(b["label"]).astype(np.int32)}
+
+
+def configure(case: str, batch: int, lr: float, gen_mult, stage1_workdir: str = ""):
+    import importlib
+    mod, variant, _, _ = CASES[case]
+    if stage1_workdir:
+        variant += f",stage1_workdir={stage1_workdir}"
+    c = importlib.import_module(mod).get_config(variant)
+    c.data.source = "synthetic"
+    c.data.num_classes = NUM_CLASSES
+    c.batch_size = batch
+    c.batch_size_per_device = 0
+    c.half_precision = False
+    c.model.dropout = 0.0
+    c.model.embedding_size = 512
+    c.head.kind, c.head.scale, c.head.margin = "arcface", 64.0, 0.5
+    c.optim.lr = lr
+    c.optim.momentum = 0.9
+    c.optim.weight_decay = 5e-4
+    c.optim.warmup_epochs = 0.0
+    c.optim.boundaries_epochs = ()
+    c.optim.lr_multipliers = {"generator": gen_mult} if gen_mult else {}
+    c.eval.pairs = ""
+    return c
+
+
+def _strip(sd: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def import_state(case: str, task, sd: dict, abstract_params, abstract_ms):
+    """Reference state_dict (``model.*``, ``head.kernel``) -> our (params, model_state) as numpy."""
+    from ppfr_jax.models import iresnet, minusface
+    model_sd = _strip(sd, "model.")
+    if case.startswith("arcface"):
+        v = iresnet.import_torch_state_dict(model_sd, {"params": abstract_params["backbone"],
+                                                       "batch_stats": abstract_ms["batch_stats"]["backbone"]})
+        params = {"backbone": v["params"]}
+        ms = {"batch_stats": {"backbone": v["batch_stats"]}}
+    else:
+        v = minusface.import_torch_state_dict(model_sd, {"params": abstract_params,
+                                                         "batch_stats": abstract_ms["batch_stats"]})
+        params = dict(v["params"])
+        ms = {"batch_stats": v["batch_stats"]}
+    # our kernel is padded to a multiple of the class shards; the padding columns are masked
+    # out of the softmax (no gradient), so they keep our values
+    kernel = np.array(abstract_params["head"]["kernel"], np.float32)
+    ref_k = np.asarray(sd["head.kernel"], np.float32)
+    kernel[:, :ref_k.shape[1]] = ref_k
+    params["head"] = {"kernel": kernel}
+    return params, ms
+
+
+def _flat(tree, prefix=()):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _flat(v, prefix + (str(k),))
+    else:
+        yield "/".join(prefix), np.asarray(tree)
+
+
+def run_case(case, a, batch, tmp):
+    from ppfr_jax import train
+    _, _, lr, gen_mult = CASES[case]
+    rng = np.random.default_rng(a.seed)
+    inputs = {"images": np.transpose(batch["image"].astype(np.float32) / 127.5 - 1.0, (0, 3, 1, 2)),
+              "labels": batch["label"].astype(np.int64)}
+    b = len(batch["label"])
+    if case == "minusface_stage2":
+        # one permutation per sample, drawn once and used at every step (the deterministic comparison);
+        # --fresh-perms draws a new set per step, as training does (both sides still see the same ones)
+        draws = a.steps if a.fresh_perms else 1
+        p = np.stack([[rng.permutation(192) for _ in range(b)] for _ in range(draws)])[:, None]
+        inputs["perms"] = np.repeat(p, a.steps // draws, axis=0)
+    settings = {"case": case, "steps": a.steps, "lr": lr, "momentum": 0.9, "weight_decay": 5e-4,
+                "num_classes": NUM_CLASSES, "generator_lr_mult": gen_mult or 1.0, "embedding_size": 512}
+    d = os.path.join(tmp, case)
+    os.makedirs(d, exist_ok=True)
+    np.savez(os.path.join(d, "in.npz"), **inputs)
+    json.dump(settings, open(os.path.join(d, "settings.json"), "w"))
+    cmd = [a.ref_python, os.path.join(HERE, "ref_parity_torch.py"), "--tface", a.tface, "--torchjpeg", a.torchjpeg,
+           "--inputs", os.path.join(d, "in.npz"), "--settings", os.path.join(d, "settings.json"),
+           "--out", os.path.join(d, "ref.npz")]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
+    if p.returncode != 0:
+        return {"bench": "train_parity", "case": case, "error": f"reference exit {p.returncode}",
+                "ref_tail": (p.stdout + p.stderr)[-3000:]}
+    ref = dict(np.load(os.path.join(d, "ref.npz")))
+    init_sd = _strip(ref, "init/")
+    final_sd = _strip(ref, "final/")
+
+    stage1_wd = ""
+    if case == "minusface_stage2":  # the frozen generator goes through the real stage-1 loading path
+        from train_step import _save_engine_checkpoint
+        from ppfr_jax.models import minusface
+        from ppfr_jax import frequency
+        c1 = configure("minusface_stage1", b, lr, None)
+        m1 = minusface.build_model("stage1", backbone=c1.model.backbone, embedding_size=512, dropout=0.0,
+                                   generator_widths=c1.minusface.generator_widths)
+        v1 = minusface.init_variables(m1)
+        g = minusface.unet.import_torch_state_dict(init_sd, {"params": v1["params"]["generator"]},
+                                                   prefix="model.generator.backbone.")
+        stage1_wd = os.path.join(d, "stage1")
+        _save_engine_checkpoint(stage1_wd, {"generator": g["params"]}, {})
+        del frequency
+    cfg = configure(case, b, lr, gen_mult, stage1_wd)
+    mesh = train.create_mesh(cfg)
+    setup = train.build(cfg, NUM_CLASSES, 10 * b, mesh)
+    # the reference decays every parameter (no name contains 'bn'): the same rule on our side
+    setup.task.decays = lambda path: True
+    setup.tx = train.make_optimizer(cfg, setup.task, setup.abstract_state.params, setup.schedule)
+    state = train.init_state(setup, jax.random.key(0))
+    params, ms = import_state(case, setup.task, init_sd, state.params, state.model_state)
+    if case == "minusface_stage2":
+        params["generator"] = state.params["generator"]  # as loaded from the stage-1 checkpoint
+    params = jax.tree.map(lambda new, old: jnp.asarray(new, old.dtype), params, state.params)
+    ms = {**state.model_state, **jax.tree.map(lambda new, old: jnp.asarray(new, old.dtype), ms,
+                                              {k: state.model_state[k] for k in ms})}
+    state = train.TrainState(step=state.step, params=params, model_state=ms, opt_state=setup.tx.init(params),
+                             bad_step=state.bad_step)
+    state = jax.device_put(state, setup.state_sharding)
+    step = train.compile_train_step(setup)
+    losses = []
+    for i in range(a.steps):
+        bt = {"image": jnp.asarray(batch["image"]), "label": jnp.asarray(batch["label"])}
+        if case == "minusface_stage2":
+            bt["perms"] = jnp.asarray(np.swapaxes(inputs["perms"][i], 0, 1), jnp.int32)  # (B, n_dup, 192)
+        state, m = step(state, train.make_global_batch(bt, mesh), jax.random.key(1))
+        losses.append(float(m["loss"]))
+    ref_losses = [float(v) for v in ref["losses"]]
+    # relative where the loss is above 1, absolute below: once a batch is fitted (loss ~1e-3) the
+    # loss is a difference of two nearly equal log-sum-exps and its float32 relative error is large
+    rel = [abs(o - r) / max(abs(r), 1.0) for o, r in zip(losses, ref_losses)]
+    ref_params, ref_ms = import_state(case, setup.task, final_sd, state.params, state.model_state)
+    ours = dict(_flat({"params": jax.device_get(state.params),
+                       "batch_stats": jax.device_get(state.model_state["batch_stats"])}))
+    theirs = dict(_flat({"params": ref_params, "batch_stats": ref_ms["batch_stats"]}))
+    diffs = {}
+    for k, v in theirs.items():
+        if k not in ours or "generator" in k and case == "minusface_stage2":
+            continue
+        # floored at an RMS of 1e-3: some BatchNorm running means are ~0 by construction (the
+        # input of a unit is a sum of two BN outputs), where a relative difference means nothing
+        denom = max(float(np.linalg.norm(v)), 1e-3 * np.sqrt(v.size))
+        diffs[k] = float(np.linalg.norm(ours[k] - v)) / denom
+    keys = [k for k in diffs if any(s in k for s in ("Conv_0/kernel", "head/kernel", "Dense", "enc_0"))][:6]
+    worst = max(diffs, key=diffs.get)
+    ok = max(rel) <= a.rtol and diffs[worst] <= a.param_rtol
+    return {"bench": "train_parity", "case": case, "steps": a.steps, "batch_size": b, "num_classes": NUM_CLASSES,
+            "lr": lr, "generator_lr_mult": gen_mult, "dropout": 0.0, "weight_decay_on": "all parameters",
+            "ours_losses": losses, "ref_losses": ref_losses, "max_rel_loss_diff": max(rel),
+            "param_rel_diff": {k: diffs[k] for k in keys}, "param_rel_diff_max": diffs[worst],
+            "param_rel_diff_argmax": worst,
+            "param_rel_diff_worst": dict(sorted(diffs.items(), key=lambda kv: -kv[1])[:8]), "tolerance": {"loss_rtol": a.rtol, "param_rtol": a.param_rtol},
+            "perms": ("fresh per step" if a.fresh_perms else "one set for all steps") if "stage2" in case else None,
+            "ok": bool(ok)}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ref-python", required=True, help="python of the reference's own venv (torch)")
+    ap.add_argument("--tface", required=True, help="TFace sources (the folder holding recognition/)")
+    ap.add_argument("--torchjpeg", required=True, help="torchjpeg sources (the folder holding src/)")
+    ap.add_argument("--cases", default=DEFAULT_CASES, help=f"comma list of {DEFAULT_CASES}")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rtol", type=float, default=2e-2, help="largest relative loss difference allowed")
+    ap.add_argument("--param-rtol", type=float, default=5e-2, help="largest relative parameter difference")
+    ap.add_argument("--fresh-perms", action="store_true",
+                    help="MinusFace stage 2: new permutations every step (default: one set for all steps)")
+    ap.add_argument("--timeout", type=float, default=3600)
+    ap.add_argument("--out", default="", help="append the JSON lines to this file too")
+    a = ap.parse_args(argv)
+    cases = [c.strip() for c in a.cases.split(",") if c.strip()]
+    bad = [c for c in cases if c not in CASES]
+    if bad:
+        ap.error(f"unknown case(s) {bad}; known: {DEFAULT_CASES}")
+    if a.steps < 1 or a.batch < 2:
+        ap.error("need --steps >= 1 and --batch >= 2")
+    if not os.path.isfile(a.ref_python):
+        ap.error(f"--ref-python {a.ref_python}: not a file")
+    batch = demo_batch(a.batch, a.seed)
+    all_ok = True
+    with tempfile.TemporaryDirectory(prefix="train_parity_") as tmp:
+        for case in cases:
+            rec = run_case(case, a, batch, tmp)
+            line = emit(rec)
+            all_ok &= bool(rec.get("ok"))
+            if a.out:
+                with open(a.out, "a") as f:
+                    f.write(line + "\n")
+    return 0 if all_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
