@@ -73,6 +73,7 @@ def get_config(arg=None):
         stage1_command=f"python -m ppfr_jax.main --config configs/minusface.py:stage1,{size} "
                        f"--workdir runs/minusface_stage1_{size}",
         eval_seed=0,  # stage 2: key of the shuffles used for verification
+        generator_scale=1.0,  # g(x) = scale * U(x / scale); 1 = the reference (see MinusBackbone)
     )
 
     if a.demo or a.tiny:

@@ -36,6 +36,23 @@ def _nchw(x):
 # ----------------------------------------------------------------------------- golden parity
 
 
+def test_generator_scale_is_a_reparametrisation():
+    # g(x) = s * U(x / s): with U's first-layer kernels scaled by s and its last layer by 1/s, the
+    # scaled generator computes exactly the reference's function (scale 1)
+    m1 = minusface.build_model("stage1", backbone="ir_tiny", generator_widths=(4, 8), embedding_size=8)
+    ms = minusface.build_model("stage1", backbone="ir_tiny", generator_widths=(4, 8), embedding_size=8,
+                               generator_scale=256.0)
+    x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (1, 112, 112, 3)), jnp.float32)
+    v = jax.jit(lambda r: m1.init(r, x, key=r))(jax.random.key(0))
+    g = jax.tree.map(np.array, v["params"]["generator"])
+    g["left_conv_1"]["conv_ReLU_0"]["kernel"] *= 256.0  # (kernel * s) on x / s: the same pre-activation
+    g["right_conv_2"]["kernel"] /= 256.0  # the last (1x1) conv of a 2-level U-Net
+    g["right_conv_2"]["bias"] /= 256.0
+    res = lambda m, gv: m.apply({"params": {"generator": gv}}, x, method=minusface.MinusBackbone.residue)
+    a, b = jax.jit(lambda: (res(m1, v["params"]["generator"]), res(ms, g)))()
+    np.testing.assert_allclose(np.asarray(b["x_encode_up"]), np.asarray(a["x_encode_up"]), rtol=1e-4, atol=1e-3)
+
+
 def test_stage1_forward_matches_reference():
     # The whole reference MinusBackbone state_dict goes through our one import
     # (generator.backbone.* and recognizer.*), then the module's forward.
@@ -124,6 +141,9 @@ def test_configs_and_tasks():
     assert minusface_config.get_config("stage1").optim.lr_multipliers.generator == 0.1
     with pytest.raises(ValueError, match="stage1, stage2, toy"):
         minusface_config.get_config("stage1,stage2")
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="generator_scale must be a finite number > 0"):
+            minusface.build_model("stage1", backbone="ir_tiny", generator_widths=(4, 8), generator_scale=bad)
 
     task = tasks.make_task(minusface_config.get_config("stage1,tiny"), 10)
     shapes = jax.eval_shape(task.init, jax.random.key(0), jnp.zeros((2, 112, 112, 3), jnp.uint8),
@@ -162,6 +182,12 @@ def test_stage1_then_stage2_end_to_end(tmp_path):
     assert r1["steps"] == 2 and os.path.exists(os.path.join(s1, "results.json"))
     v1, step1 = minusface.restore_variables(s1)
     assert step1 == 2
+
+    # the frozen generator computes scale * U(x / scale): stage 2 must use stage 1's scale
+    bad = minusface_config.get_config(f"stage2,tiny,stage1_workdir={s1}")
+    bad.minusface.generator_scale = 4.0
+    with pytest.raises(ValueError, match=r"generator_scale=4\.0 does not match the stage-1 run"):
+        tasks.make_task(bad, 10)
 
     c2 = minusface_config.get_config(f"stage2,tiny,stage1_workdir={s1}")
     r2 = train.train_and_evaluate(c2, s2)
