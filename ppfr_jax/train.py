@@ -40,7 +40,11 @@ CLASS_PAD = 128  # head width is a multiple of this (and of the device count): r
 
 
 class NonFiniteLossError(FloatingPointError):
-    pass
+    """An update made the loss, gradients or the new state non-finite; it was not applied or saved."""
+
+
+class RunError(RuntimeError):
+    """The run cannot start or go on (workdir in use, checkpoint unwritable or unreadable); names the path."""
 
 
 @flax.struct.dataclass
