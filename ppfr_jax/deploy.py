@@ -62,12 +62,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ppfr_jax import config_lib, frequency
+from ppfr_jax import config_lib, frequency, image_io
 
 METHODS = ("duetface", "minusface")
 TASK_METHOD = {"duetface": "duetface", "minusface_stage2": "minusface"}
 IMAGE_SIZE = 112
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGE_EXTS = image_io.EXTENSIONS
 FILE_FORMAT = "ppfr-protected"
 FILE_VERSION = 1
 # Cosine similarity of unit embeddings. ArcFace-trained recognisers put LFW's best

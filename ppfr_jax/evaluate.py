@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
-import io
 import json
 import os
 import pathlib
@@ -41,9 +40,8 @@ import time
 from typing import Any, Callable, Sequence
 
 import numpy as np
-from PIL import Image
 
-from ppfr_jax import align
+from ppfr_jax import align, image_io
 
 THRESHOLDS = np.arange(0, 4, 0.01)
 
@@ -376,17 +374,14 @@ def read_pairs(pairs_path: str | os.PathLike, ext: str = "jpg") -> list[Pair]:
 
 
 def _decode(src: bytes | str, what: str, matrix=None, size_hw=None) -> np.ndarray:
+    """``image_io.decode_rgb`` (the decoder training uses too), then the optional alignment warp."""
     try:
-        im = Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src)
-        im.load()
-        im = im.convert("RGB")
-    except FileNotFoundError:
-        raise BadInputError(f"{what}: image not found") from None
-    except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for corrupt/truncated files
-        raise BadInputError(f"{what}: cannot decode image ({e})") from None
+        img = image_io.decode_rgb(src, what, expect_hw=size_hw if matrix is None else None)
+    except image_io.ImageDecodeError as e:
+        raise BadInputError(str(e)) from None
     if matrix is not None:
-        return align.warp_affine(im, matrix, size_hw)
-    return np.asarray(im)
+        return align.warp_affine(img, matrix, size_hw)
+    return img
 
 
 def decode_images(sources: Sequence[bytes | str], *, names: Sequence[str] | None = None,

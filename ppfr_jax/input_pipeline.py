@@ -62,6 +62,8 @@ import jax
 import numpy as np
 import tensorflow as tf
 
+from ppfr_jax import image_io
+
 # The input pipeline runs on the host CPU; TensorFlow must not claim accelerators JAX owns.
 try:
     tf.config.set_visible_devices([], "GPU")
@@ -69,7 +71,7 @@ try:
 except (RuntimeError, ValueError):  # already initialised, or no such device type
     pass
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+IMAGE_EXTENSIONS = image_io.EXTENSIONS
 _HEADER = 12  # uint64 length + uint32 masked CRC32C of the length
 _FOOTER = 4  # uint32 masked CRC32C of the data
 
@@ -243,11 +245,11 @@ class Source:
                         return (f"{self.describe(i)}: 'landmarks' has {n} floats, expected "
                                 f"{2 * self.record_landmarks}")
                 data = feats["image"].bytes_list.value[0]
-            _decode_image(tf.constant(data)).numpy()
+            image_io.decode_rgb(data, "image")
         except (BadRecordError, OSError) as e:
             return f"{self.describe(i)}: {e}"
-        except tf.errors.OpError as e:
-            return f"{self.describe(i)}: cannot decode image ({e.message.splitlines()[0]})"
+        except image_io.ImageDecodeError as e:
+            return f"{self.describe(i)}: {str(e).removeprefix('image: ')}"
         except Exception as e:  # protobuf DecodeError and the like
             return f"{self.describe(i)}: {type(e).__name__}: {e}"
         return None
@@ -568,15 +570,16 @@ def host_batch_indices(step: int, n: int, global_batch: int, process_index: int,
 # ----------------------------------------------------------------------------- tf.data
 
 
+def _decode_py(data) -> np.ndarray:
+    if isinstance(data, np.ndarray):  # eager numpy_function: a 0-d object array
+        data = data.item()
+    return image_io.decode_rgb(bytes(data))
+
+
 def _decode_image(data: tf.Tensor) -> tf.Tensor:
-    """Encoded bytes -> uint8 (H, W, 3). JPEG with the accurate integer IDCT: bit-identical to PIL."""
-    def jpeg():
-        return tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE")
-
-    def other():
-        return tf.io.decode_image(data, channels=3, expand_animations=False)
-
-    img = tf.cond(tf.io.is_jpeg(data), jpeg, other)
+    """Encoded bytes -> uint8 (H, W, 3) by ``image_io.decode_rgb``, the decoder every reader uses
+    (evaluation, alignment, the client): same pixels in training and evaluation (see its doc)."""
+    img = tf.numpy_function(_decode_py, [data], tf.uint8, stateful=False)
     img.set_shape([None, None, 3])
     return img
 
