@@ -67,7 +67,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ppfr_jax import config_lib, frequency, image_io
+from ppfr_jax import config_lib, frequency, image_io, safe_npz
 
 METHODS = ("duetface", "minusface")
 TASK_METHOD = {"duetface": "duetface", "minusface_stage2": "minusface"}
@@ -78,6 +78,8 @@ FILE_VERSION = 1
 # Cosine similarity of unit embeddings. ArcFace-trained recognisers put LFW's best
 # threshold near cos 0.2-0.35 (squared distance 1.3-1.6); a placeholder, not a calibration.
 DEFAULT_THRESHOLD = 0.3
+# The largest protected file a client writes: DuetFace's 162 channels, 112x112 float32 (8.1 MB) + masks.
+MAX_PROTECTED_BYTES = 64 << 20
 
 
 class DeployError(ValueError):
@@ -459,24 +461,28 @@ def save_protected(path, deployment: Deployment, tensors: Mapping[str, np.ndarra
 def load_protected(path: str | os.PathLike, deployment: Deployment | None = None) -> tuple[dict, dict]:
     """Read a protected file -> (tensors {name: array}, meta); checked against ``deployment`` if given.
 
+    At most :data:`MAX_PROTECTED_BYTES` are decompressed (``safe_npz``: checked
+    on the headers first), so a hostile file cannot make the server allocate more.
+
     Raises:
       DeployError naming the file: missing, not an .npz, not a protected file,
-      another method, another client, or tensors of the wrong shape.
+      over the size limit, another method, another client, or tensors of the
+      wrong shape / dtype / non-finite values.
     """
     p = str(path)
     if not os.path.isfile(p):
         raise DeployError(f"{p}: no such file")
     if not zipfile.is_zipfile(p):  # np.load would try it as a pickle and say so, confusingly
         raise DeployError(f"{p}: not an .npz file (not a zip archive); expected a file written by ppfr-protect")
-    try:
-        with np.load(p, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise DeployError(f"{p}: not a readable .npz file ({type(e).__name__}: {e})") from None
+    # a client's file is untrusted: headers and sizes checked before anything is decompressed
+    data = safe_npz.load_npz(p, max_bytes=MAX_PROTECTED_BYTES, error=DeployError)
     if "meta" not in data:
         raise DeployError(f"{p}: not a protected file (no 'meta' entry; write it with ppfr-protect)")
+    m = data.pop("meta")
+    if m.ndim != 0 or m.dtype.kind != "U":
+        raise DeployError(f"{p}: not a protected file ('meta' is not a JSON string)")
     try:
-        meta = json.loads(str(data.pop("meta")))
+        meta = json.loads(str(m))
     except json.JSONDecodeError as e:
         raise DeployError(f"{p}: corrupt 'meta' ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FILE_FORMAT:
@@ -496,6 +502,8 @@ def load_protected(path: str | os.PathLike, deployment: Deployment | None = None
                 raise DeployError(f"{p}: no tensor {name!r} (has {sorted(data)})")
             if tuple(data[name].shape) != shape:
                 raise DeployError(f"{p}: tensor {name!r} has shape {data[name].shape}, expected {shape}")
+            if data[name].dtype != np.float32:
+                raise DeployError(f"{p}: tensor {name!r} is {data[name].dtype}, expected float32")
             if not np.isfinite(data[name]).all():
                 raise DeployError(f"{p}: tensor {name!r} has non-finite values")
     return data, meta

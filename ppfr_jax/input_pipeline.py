@@ -62,7 +62,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from ppfr_jax import image_io
+from ppfr_jax import image_io, safe_npz
 
 # The input pipeline runs on the host CPU; TensorFlow must not claim accelerators JAX owns.
 try:
@@ -298,9 +298,11 @@ def image_folder_source(root: str | os.PathLike, *, skip_bad: bool = False,
         labels.extend([lab] * len(imgs))
     lm = None
     if landmarks is not None:
-        with np.load(landmarks, allow_pickle=False) as z:
-            table = {str(p): i for i, p in enumerate(z["paths"])}
-            arr = np.asarray(z["landmarks"], np.float32)
+        z = safe_npz.load_npz(landmarks, error=BadRecordError, names=("paths", "landmarks"))
+        if "paths" not in z or "landmarks" not in z:
+            raise BadRecordError(f"{landmarks}: needs arrays 'paths' and 'landmarks', has {sorted(z)}")
+        table = {str(p): i for i, p in enumerate(z["paths"])}
+        arr = np.asarray(z["landmarks"], np.float32)
         if arr.ndim != 3 or arr.shape[2] != 2:
             raise ValueError(f"{landmarks}: 'landmarks' must be (M, K, 2), got {arr.shape}")
         keep, rows = [], []
