@@ -2,6 +2,7 @@
 
 Also installed as ``ppfr-train``. Overrides: ``--config.num_train_steps=100``.
 """
+import os
 import sys
 
 from absl import app, flags, logging
@@ -20,10 +21,19 @@ def _main(argv):
     logging.set_verbosity(logging.WARNING)
     try:
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (config_lib.ConfigError, train.RunError) as e:
-        # a bad setting or a refused run is the user's to fix: one line, no traceback
+    except config_lib.ConfigError as e:
+        # a bad setting is the user's to fix: one line, no traceback
         print(f"ppfr-train: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except train.RunError as e:
+        print(f"ppfr-train: error: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # at once: after a failed save, Orbax's background threads could hold the interpreter's exit for their
+        # 300 s timeout; the lock goes with the process, everything else was closed by train_and_evaluate
+        os._exit(2)
+    except train.NonFiniteLossError as e:
+        print(f"ppfr-train: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def run():
