@@ -295,6 +295,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     if config.num_train_steps <= 0 and config.num_epochs <= 0:
         bad("num_epochs", f"set num_epochs > 0 or num_train_steps > 0 (got {config.num_epochs} and "
                           f"{config.num_train_steps})")
+    if "duetface" in config:
+        subs = list(config.duetface.get("sub_channels", ()))
+        if not subs or len(set(subs)) != len(subs):
+            bad("duetface.sub_channels", f"must be distinct DCT frequencies in [0, 63], got {subs}")
     d = config.data
     if d.source not in DATA_SOURCES:
         bad("data.source", f"unknown source {d.source!r}; choose one of {DATA_SOURCES}")

@@ -32,10 +32,13 @@ What every supported file becomes (the tests decode each kind):
 Other modes (floating-point ``F`` images, LAB, HSV, ...) are refused.
 
 Bounds: the header is read first; an image of more than ``max_pixels``
-pixels (default :data:`MAX_PIXELS`), or of another size than
-``expect_hw``, is refused before any pixel is decoded, so a small file cannot
-make the decoder allocate more than ``4 * max_pixels`` bytes. Every failure
-is :class:`ImageDecodeError` naming the image.
+pixels (default :data:`MAX_PIXELS`), of another size than ``expect_hw``, or
+whose RGB pixels would take more than ``max(MAX_INFLATION * its encoded size,
+INFLATION_FLOOR)`` bytes (a few hundred bytes of PNG can declare a flat
+8192 x 8192 picture) is refused before any pixel is decoded. So decoding costs
+at most ``max(256 x the bytes read, 256 KiB)`` (and never more than
+``4 * max_pixels``) bytes per image. Every failure is :class:`ImageDecodeError`
+naming the image.
 """
 from __future__ import annotations
 
@@ -51,6 +54,10 @@ __all__ = ["EXTENSIONS", "ImageDecodeError", "MAX_PIXELS", "decode_rgb", "image_
 # File names the folder readers (training folders, ppfr-protect, ppfr-align) take as images.
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 MAX_PIXELS = 1 << 26  # 67M pixels (an 8192 x 8192 photo): 192 MiB as RGB
+# decoded RGB bytes per encoded byte (JPEG photos and faces: ~5-20; flat PNGs reach ~1000), with a floor
+# that every small image fits in (a 250 x 250 LFW photo is 188 KB as RGB)
+MAX_INFLATION = 256
+INFLATION_FLOOR = 256 << 10
 _ORIENTATION = 0x0112
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 _TO_RGB = ("RGB", "L", "1", "RGBA", "RGBX", "RGBa", "LA", "La", "P", "PA", "CMYK", "YCbCr")
@@ -120,6 +127,10 @@ def decode_rgb(src, what: str | None = None, *, expect_hw: tuple[int, int] | Non
                                    f"this reader accepts")
         if expect_hw is not None and (h, w) != tuple(expect_hw):
             raise ImageDecodeError(f"{what}: image is {w}x{h} (WxH), expected {expect_hw[1]}x{expect_hw[0]}")
+        encoded = len(src) if isinstance(src, (bytes, bytearray, memoryview)) else os.path.getsize(src)
+        if 3 * w * h > max(MAX_INFLATION * encoded, INFLATION_FLOOR):
+            raise ImageDecodeError(f"{what}: a {encoded}-byte file declares a {w}x{h} image ({3 * w * h} bytes of "
+                                   f"pixels), more than {MAX_INFLATION}x its size: refused as a decompression bomb")
         try:
             im.load()
             im = ImageOps.exif_transpose(im)

@@ -140,3 +140,10 @@ def test_cli_prints_one_line_naming_the_field(tmp_path):
         "ppfr-train: error: config.log_every_steps: must be an integer >= 1, got 0")
     assert "Traceback" not in p.stderr
     assert not (tmp_path / "wd").exists()  # refused before anything was written
+
+
+def test_duetface_sub_channels_must_be_distinct():
+    c = duetface.get_config("server,tiny")
+    c.duetface.sub_channels = (0, 1, 1)
+    with pytest.raises(config_lib.ConfigError, match=r"^config\.duetface\.sub_channels: must be distinct"):
+        config_lib.validate(c, 1)

@@ -182,3 +182,12 @@ def test_bin_set_with_sixteen_bit_png_matches_training(tmp_path):
     vs = evaluate.load_bin_set(tmp_path / "g.bin")
     assert (vs.images[0] < 255).mean() > 0.9 and vs.images[0].std() > 30  # not saturated
     np.testing.assert_array_equal(vs.images[0], CORPUS["grey16.png"][1])
+
+
+def test_decompression_bomb_is_refused_by_the_bytes_it_holds():
+    flat = _save(Image.new("RGB", (2000, 2000)), "PNG")  # 12 MB of pixels from a ~12 KB file
+    assert len(flat) * image_io.MAX_INFLATION < 3 * 2000 * 2000
+    with pytest.raises(image_io.ImageDecodeError, match=r"bomb\.png: a \d+-byte file declares a 2000x2000 image"):
+        image_io.decode_rgb(flat, "bomb.png")
+    small = _save(Image.new("RGB", (250, 250)), "PNG")  # small flat images stay under the floor
+    assert image_io.decode_rgb(small).shape == (250, 250, 3)
