@@ -208,6 +208,7 @@ NUMERIC_FIELDS: dict[str, Range] = {
     "minusface.eval_seed": _SEED,
     "minusface.step": _COUNT,
     "minusface.fixed_theta_seed": _SEED,
+    "minusface.generator_scale": _RATE,  # g(x) = s * U(x / s) (being added on main)
     # privacy evaluation (configs/privacy.py)
     "attacker.widths[]": _POSITIVE,
     "attacker.steps": _POSITIVE,

@@ -38,7 +38,6 @@ naming the file.
 """
 from __future__ import annotations
 
-import collections
 import io
 import os
 import pickle
