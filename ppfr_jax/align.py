@@ -42,6 +42,8 @@ from typing import Mapping
 import numpy as np
 from PIL import Image, ImageOps
 
+from ppfr_jax import image_io
+
 # (x, y) pixel coordinates, order: eye, eye, nose, mouth corner, mouth corner (image-left first).
 SPHEREFACE_96x112 = np.array(
     [[30.2946, 51.6963], [65.5318, 51.5014], [48.0252, 71.7366], [33.5493, 92.3655], [62.7299, 92.2041]],
@@ -149,7 +151,7 @@ def warp_affine(image, matrix: np.ndarray, size_hw: tuple[int, int]) -> np.ndarr
       (H_out, W_out[, C]) array, same dtype as ``image`` (uint8 for PIL input).
     """
     if isinstance(image, Image.Image):
-        pil = image if image.mode in ("RGB", "L") else image.convert("RGB")
+        pil = image if image.mode in ("RGB", "L") else Image.fromarray(image_io.pil_to_rgb(image))
     else:
         arr = np.asarray(image)
         if arr.dtype != np.uint8 or not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (1, 3))):
@@ -220,7 +222,7 @@ def align_face(image, landmarks5: np.ndarray, template_name: str = "arcface") ->
       (aligned uint8 (H_t, W_t, 3), matrix (2, 3) source pixel -> aligned pixel).
     """
     if isinstance(image, Image.Image):
-        image = image.convert("RGB")
+        image = image_io.pil_to_rgb(image)
     elif np.asarray(image).ndim != 3 or np.asarray(image).shape[2] != 3:
         raise ValueError(f"align_face needs an RGB image (H, W, 3), got shape {np.shape(image)}")
     m = estimate_alignment(landmarks5, template_name)
@@ -278,8 +280,7 @@ class LandmarkLookup:
 
 
 def _align_file(src: str, dst: str, lm: np.ndarray, template_name: str, quality: int) -> None:
-    with Image.open(src) as im:
-        aligned, _ = align_face(im, lm, template_name)
+    aligned, _ = align_face(image_io.decode_rgb(src), lm, template_name)
     os.makedirs(os.path.dirname(dst), exist_ok=True)
     Image.fromarray(aligned).save(dst, "JPEG", quality=quality)
 
@@ -299,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     lookup = LandmarkLookup(read_landmarks_tsv(a.landmarks))
     root = pathlib.Path(a.images)
-    exts = {".jpg", ".jpeg", ".png", ".bmp"}
+    exts = set(image_io.EXTENSIONS)
     files = sorted(q for q in root.rglob("*") if q.suffix.lower() in exts and q.is_file())
     if not files:
         print(f"ppfr-align: no images under {root}", file=sys.stderr)
@@ -321,8 +322,12 @@ def main(argv: list[str] | None = None) -> int:
         for fut, (s, _, _) in zip(futs, jobs):
             try:
                 fut.result()
-            except Exception as e:  # name the file, keep the cause
-                raise RuntimeError(f"ppfr-align: failed on {s}: {e}") from e
+            except image_io.ImageDecodeError as e:  # names the file already
+                print(f"ppfr-align: error: {e}", file=sys.stderr)
+                return 2
+            except (OSError, ValueError) as e:  # the landmarks (singular warp) or the output
+                print(f"ppfr-align: error: {s}: {type(e).__name__}: {e}", file=sys.stderr)
+                return 2
     print(f"ppfr-align: wrote {len(jobs)} images to {a.out} (template {a.template}); "
           f"skipped {len(missing)} without landmarks")
     return 0

@@ -6,11 +6,14 @@ argument selects variants, e.g. ``--config configs/arcface.py:ir50`` or
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import math
 import os
 import pathlib
 
 import ml_collections
+import numpy as np
 
 BACKBONES = ("ir18", "ir34", "ir50", "ir100", "irse50", "ir_tiny", "mobilefacenet", "mobilefacenet_tiny")
 INPUTS = ("rgb", "dct")
@@ -95,11 +98,184 @@ def _exists(path: str) -> bool:
     return "://" in str(path) or os.path.exists(path)
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-    """Reject bad values before anything is built, naming the field."""
-    def bad(field, msg):
-        raise ValueError(f"config.{field}: {msg}")
+class ConfigError(ValueError):
+    """A config value is unusable; the message starts with ``config.<field>:``."""
 
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """What a numeric config field may hold: integer or real, and an interval.
+
+    Reals must be finite (NaN and +-inf are never valid); ``bool`` is not a
+    number here (``True`` for a step count is a mistake, not a 1).
+    """
+
+    integer: bool
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    optional: bool = False  # None allowed (e.g. head.margin: the head's default)
+
+    def describe(self) -> str:
+        what = "an integer" if self.integer else "a finite number"
+        if self.lo is not None and self.hi is not None:
+            return f"{what} in {'(' if self.lo_open else '['}{_fmt(self.lo)}, {_fmt(self.hi)}{')' if self.hi_open else ']'}"
+        if self.lo is not None:
+            return f"{what} {'>' if self.lo_open else '>='} {_fmt(self.lo)}"
+        if self.hi is not None:
+            return f"{what} {'<' if self.hi_open else '<='} {_fmt(self.hi)}"
+        return what
+
+    def ok(self, v) -> bool:
+        if v is None:
+            return self.optional
+        if isinstance(v, (bool, np.bool_)):
+            return False
+        if self.integer:
+            if not isinstance(v, (int, np.integer)):
+                return False
+        elif not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(float(v)):
+            return False
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        if self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi):
+            return False
+        return True
+
+
+def _fmt(x: float) -> str:
+    if x == math.pi:
+        return "pi"
+    if isinstance(x, int) and x >= 2 ** 16:
+        return f"2**{x.bit_length()}-1" if (x + 1) & x == 0 else str(x)
+    return repr(x)
+
+
+SEED_MAX = 2 ** 32 - 1  # jax.random.key keeps 32 bits without x64: larger seeds would silently alias
+
+_COUNT = Range(True, 0)             # sizes and steps where 0 means "off" / "derive it"
+_POSITIVE = Range(True, 1)          # sizes and intervals that must be at least 1
+_SEED = Range(True, 0, SEED_MAX)
+_NONNEG = Range(False, 0)           # weights, epochs, norms
+_RATE = Range(False, 0, lo_open=True)  # learning rates and scales
+
+# Every numeric field of every config in configs/ (training and privacy), by dotted path.
+# ``path.*`` is each value of a dict field; ``path[]`` each element of a sequence field.
+# tests/test_config.py checks that no numeric field of any shipped config is missing here.
+NUMERIC_FIELDS: dict[str, Range] = {
+    "seed": _SEED,
+    "model.embedding_size": _POSITIVE,
+    "model.dropout": Range(False, 0, 1, hi_open=True),
+    "head.scale": _RATE,
+    "head.margin": Range(False, 0, math.pi, hi_open=True, optional=True),
+    "head.sample_rate": Range(False, 0, 1, lo_open=True),
+    "data.num_classes": _COUNT,
+    "data.shuffle_buffer": _POSITIVE,
+    "eval.every_steps": _COUNT,
+    "eval.batch_size": _POSITIVE,
+    "eval.max_pairs": _COUNT,
+    "batch_size_per_device": _COUNT,
+    "batch_size": _COUNT,
+    "num_epochs": _NONNEG,
+    "num_train_steps": _COUNT,
+    "steps_per_epoch": _COUNT,
+    "optim.lr": _RATE,
+    "optim.momentum": Range(False, 0, 1, hi_open=True),
+    "optim.weight_decay": _NONNEG,
+    "optim.boundaries_epochs[]": _NONNEG,
+    "optim.decay_factor": _RATE,
+    "optim.warmup_epochs": _NONNEG,
+    "optim.grad_clip_norm": _NONNEG,
+    "optim.lr_multipliers.*": _NONNEG,
+    "mesh.model": _POSITIVE,
+    "log_every_steps": _POSITIVE,
+    "checkpoint_every_steps": _POSITIVE,
+    "keep_checkpoints": _POSITIVE,  # 0 would let the preservation policy delete the only checkpoint
+    "keep_best": _COUNT,
+    # DuetFace
+    "duetface.sub_channels[]": Range(True, 0, 63),
+    "duetface.client_embedding_size": _POSITIVE,
+    "duetface.client_step": _COUNT,
+    "duetface.step": _COUNT,
+    # MinusFace
+    "minusface.generator_widths[]": _POSITIVE,
+    "minusface.n_duplicate": _POSITIVE,
+    "minusface.num_aug": _POSITIVE,
+    "minusface.loss_weights.*": _NONNEG,
+    "minusface.sparsity_target": Range(False, 0, 1, lo_open=True, hi_open=True),
+    "minusface.stage1_step": _COUNT,
+    "minusface.eval_seed": _SEED,
+    "minusface.step": _COUNT,
+    "minusface.fixed_theta_seed": _SEED,
+    "minusface.generator_scale": _RATE,  # g(x) = s * U(x / s) (being added on main)
+    # privacy evaluation (configs/privacy.py)
+    "attacker.widths[]": _POSITIVE,
+    "attacker.steps": _POSITIVE,
+    "attacker.batch_size": _POSITIVE,
+    "attacker.lr": _RATE,
+    "attacker.warmup_steps": _COUNT,
+    "attacker.log_every_steps": _POSITIVE,
+    "grid_rows": _POSITIVE,
+}
+
+
+def _numeric_leaves(d: dict, prefix: str = ""):
+    """(rule path, display path, value) of every number in a nested dict (bools excluded)."""
+    for k, v in d.items():
+        path = f"{prefix}{k}"
+        if isinstance(v, dict):
+            if f"{path}.*" in NUMERIC_FIELDS:
+                for kk, vv in v.items():
+                    yield f"{path}.*", f"{path}.{kk}", vv
+            else:
+                yield from _numeric_leaves(v, path + ".")
+        elif isinstance(v, (list, tuple)):
+            for i, vv in enumerate(v):
+                if f"{path}[]" in NUMERIC_FIELDS or _is_number(vv):
+                    yield f"{path}[]", f"{path}[{i}]", vv
+        elif path in NUMERIC_FIELDS or _is_number(v):
+            yield path, path, v
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+
+def unchecked_numeric_fields(config: ml_collections.ConfigDict) -> list[str]:
+    """Numeric fields of ``config`` that :data:`NUMERIC_FIELDS` has no rule for (should be none)."""
+    return [shown for rule, shown, _ in _numeric_leaves(config.to_dict()) if rule not in NUMERIC_FIELDS]
+
+
+def check_numeric_fields(config: ml_collections.ConfigDict) -> None:
+    """Type and range of every field listed in :data:`NUMERIC_FIELDS` that ``config`` has.
+
+    Raises:
+      ConfigError ``config.<field>: must be <type> in <range>, got <value>`` for the first bad one.
+    """
+    for rule, shown, v in _numeric_leaves(config.to_dict()):
+        r = NUMERIC_FIELDS.get(rule)
+        if r is not None and not r.ok(v):
+            raise ConfigError(f"config.{shown}: must be {r.describe()}{' or None' if r.optional else ''}, "
+                              f"got {v!r}")
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """Reject bad values of a training config before anything is built, naming the field.
+
+    Every numeric field is checked for type and range first (:data:`NUMERIC_FIELDS`:
+    e.g. ``log_every_steps`` an integer >= 1, ``optim.lr`` a finite number > 0,
+    ``head.sample_rate`` in (0, 1]), then names (backbone, head, data source),
+    paths and the fields that depend on each other (batch sizes, epochs or steps).
+
+    Raises:
+      ConfigError (a ValueError) whose message starts with ``config.<field>:`` and
+      says what the field may hold.
+    """
+    def bad(field, msg):
+        raise ConfigError(f"config.{field}: {msg}")
+
+    check_numeric_fields(config)
     m = config.model
     if m.backbone not in BACKBONES:
         bad("model.backbone", f"unknown backbone {m.backbone!r}; choose one of {BACKBONES}")
@@ -107,28 +283,23 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         bad("model.input", f"unknown input {m.input!r}; choose one of {INPUTS}")
     if config.head.kind not in HEADS:
         bad("head.kind", f"unknown head {config.head.kind!r}; choose one of {HEADS}")
-    if not 0 < config.head.sample_rate <= 1:
-        bad("head.sample_rate", f"must be in (0, 1], got {config.head.sample_rate}")
     o = config.optim
-    if not o.lr > 0:
-        bad("optim.lr", f"learning rate must be > 0, got {o.lr}")
-    if o.weight_decay < 0:
-        bad("optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
-    if not 0 <= o.momentum < 1:
-        bad("optim.momentum", f"must be in [0, 1), got {o.momentum}")
     if list(o.boundaries_epochs) != sorted(o.boundaries_epochs):
         bad("optim.boundaries_epochs", f"must be increasing, got {list(o.boundaries_epochs)}")
-    for k, v in dict(o.lr_multipliers).items():
-        if not v >= 0:
-            bad(f"optim.lr_multipliers.{k}", f"must be >= 0, got {v}")
     if config.batch_size_per_device <= 0 and config.batch_size <= 0:
-        bad("batch_size_per_device", f"must be > 0, got {config.batch_size_per_device}")
+        bad("batch_size", f"set batch_size (global) or batch_size_per_device to an integer >= 1, got "
+                          f"{config.batch_size} and {config.batch_size_per_device}")
     if num_devices is not None and config.batch_size > 0 and config.batch_size % num_devices:
         bad("batch_size", f"global batch {config.batch_size} is not divisible by the {num_devices} devices")
     if num_devices is not None and num_devices % max(config.mesh.model, 1):
         bad("mesh.model", f"{config.mesh.model} does not divide the {num_devices} devices")
     if config.num_train_steps <= 0 and config.num_epochs <= 0:
-        bad("num_epochs", "set num_epochs > 0 or num_train_steps > 0")
+        bad("num_epochs", f"set num_epochs > 0 or num_train_steps > 0 (got {config.num_epochs} and "
+                          f"{config.num_train_steps})")
+    if "duetface" in config:
+        subs = list(config.duetface.get("sub_channels", ()))
+        if not subs or len(set(subs)) != len(subs):
+            bad("duetface.sub_channels", f"must be distinct DCT frequencies in [0, 63], got {subs}")
     d = config.data
     if d.source not in DATA_SOURCES:
         bad("data.source", f"unknown source {d.source!r}; choose one of {DATA_SOURCES}")
@@ -146,3 +317,17 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     ev = config.eval
     if ev.pairs not in ("demo", "") and not _exists(ev.pairs):
         bad("eval.pairs", f"{ev.pairs!r} does not exist (use 'demo' or '' to disable)")
+
+
+def validate_privacy(config: ml_collections.ConfigDict) -> None:
+    """``configs/privacy.py`` configs: every numeric field (as :func:`validate`), the rows and the data.
+
+    Raises:
+      ConfigError naming the field.
+    """
+    check_numeric_fields(config)
+    d = config.data
+    if d.source not in DATA_SOURCES:
+        raise ConfigError(f"config.data.source: unknown source {d.source!r}; choose one of {DATA_SOURCES}")
+    if d.source == "synthetic" and d.num_classes <= 0:
+        raise ConfigError("config.data.num_classes: data.source='synthetic' needs num_classes > 0")

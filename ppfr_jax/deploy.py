@@ -28,7 +28,11 @@ only the transmitted tensors (no batch axis) and ``meta``, a JSON string:
 ``format``, ``version``, ``method``, ``task``, ``step``, ``client_fingerprint``
 (hash of the client's weights, so the server can refuse tensors made by a
 different client), ``tensors`` (name -> shape), ``backend``. Never the image,
-its name, the ROI or the permutation.
+its name, the ROI or the permutation. Their *file names* carry nothing of the
+input either: ``ppfr-protect`` names them at random and records which image
+each came from in a manifest beside (never inside) the output folder, to stay
+on the client; ``--keep-names`` opts in to ``<image stem>.npz``. It never
+overwrites a file.
 
 Decision threshold of ``ppfr-verify`` (cosine similarity, "same" when
 ``score >= threshold``): ``--threshold``; else ``<RUNDIR>/results.json``
@@ -53,6 +57,7 @@ import json
 import os
 import pathlib
 import random
+import secrets
 import sys
 import zipfile
 from typing import Any, Mapping, Sequence
@@ -62,17 +67,19 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ppfr_jax import config_lib, frequency
+from ppfr_jax import config_lib, frequency, image_io, safe_npz
 
 METHODS = ("duetface", "minusface")
 TASK_METHOD = {"duetface": "duetface", "minusface_stage2": "minusface"}
 IMAGE_SIZE = 112
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGE_EXTS = image_io.EXTENSIONS
 FILE_FORMAT = "ppfr-protected"
 FILE_VERSION = 1
 # Cosine similarity of unit embeddings. ArcFace-trained recognisers put LFW's best
 # threshold near cos 0.2-0.35 (squared distance 1.3-1.6); a placeholder, not a calibration.
 DEFAULT_THRESHOLD = 0.3
+# The largest protected file a client writes: DuetFace's 162 channels, 112x112 float32 (8.1 MB) + masks.
+MAX_PROTECTED_BYTES = 64 << 20
 
 
 class DeployError(ValueError):
@@ -435,9 +442,12 @@ def _cached_deployment(workdir, config_spec, untrained, seed, step, method) -> D
 # ----------------------------------------------------------------------------- protected files
 
 
-def save_protected(path: str | os.PathLike, deployment: Deployment, tensors: Mapping[str, np.ndarray],
+def save_protected(path, deployment: Deployment, tensors: Mapping[str, np.ndarray],
                    backend: str = "jax") -> None:
-    """Write one protected sample: ``tensors`` {name: per-sample array (no batch axis)} + ``meta``."""
+    """Write one protected sample: ``tensors`` {name: per-sample array (no batch axis)} + ``meta``.
+
+    ``path``: a file name (``.npz`` is appended if missing) or a binary file object.
+    """
     want = deployment.tensor_shapes
     if set(tensors) != set(want):
         raise DeployError(f"{path}: tensors {sorted(tensors)} are not the client's outputs {sorted(want)}")
@@ -451,24 +461,28 @@ def save_protected(path: str | os.PathLike, deployment: Deployment, tensors: Map
 def load_protected(path: str | os.PathLike, deployment: Deployment | None = None) -> tuple[dict, dict]:
     """Read a protected file -> (tensors {name: array}, meta); checked against ``deployment`` if given.
 
+    At most :data:`MAX_PROTECTED_BYTES` are decompressed (``safe_npz``: checked
+    on the headers first), so a hostile file cannot make the server allocate more.
+
     Raises:
       DeployError naming the file: missing, not an .npz, not a protected file,
-      another method, another client, or tensors of the wrong shape.
+      over the size limit, another method, another client, or tensors of the
+      wrong shape / dtype / non-finite values.
     """
     p = str(path)
     if not os.path.isfile(p):
         raise DeployError(f"{p}: no such file")
     if not zipfile.is_zipfile(p):  # np.load would try it as a pickle and say so, confusingly
         raise DeployError(f"{p}: not an .npz file (not a zip archive); expected a file written by ppfr-protect")
-    try:
-        with np.load(p, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise DeployError(f"{p}: not a readable .npz file ({type(e).__name__}: {e})") from None
+    # a client's file is untrusted: headers and sizes checked before anything is decompressed
+    data = safe_npz.load_npz(p, max_bytes=MAX_PROTECTED_BYTES, error=DeployError)
     if "meta" not in data:
         raise DeployError(f"{p}: not a protected file (no 'meta' entry; write it with ppfr-protect)")
+    m = data.pop("meta")
+    if m.ndim != 0 or m.dtype.kind != "U":
+        raise DeployError(f"{p}: not a protected file ('meta' is not a JSON string)")
     try:
-        meta = json.loads(str(data.pop("meta")))
+        meta = json.loads(str(m))
     except json.JSONDecodeError as e:
         raise DeployError(f"{p}: corrupt 'meta' ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FILE_FORMAT:
@@ -488,6 +502,8 @@ def load_protected(path: str | os.PathLike, deployment: Deployment | None = None
                 raise DeployError(f"{p}: no tensor {name!r} (has {sorted(data)})")
             if tuple(data[name].shape) != shape:
                 raise DeployError(f"{p}: tensor {name!r} has shape {data[name].shape}, expected {shape}")
+            if data[name].dtype != np.float32:
+                raise DeployError(f"{p}: tensor {name!r} is {data[name].dtype}, expected float32")
             if not np.isfinite(data[name]).all():
                 raise DeployError(f"{p}: tensor {name!r} has non-finite values")
     return data, meta
@@ -534,8 +550,8 @@ def _add_run_args(p: argparse.ArgumentParser):
                    help="configs/<x>.py[:variant]: the run's config (default: the one saved in --workdir); "
                         "with --untrained, the model to initialise")
     p.add_argument("--untrained", action="store_true", help="random weights from --seed (smoke tests only)")
-    p.add_argument("--seed", type=int, default=0, help="init seed for --untrained")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--seed", type=_nonneg_int, default=0, help="init seed for --untrained")
+    p.add_argument("--step", type=_nonneg_int, default=None, help="checkpoint step (default: latest)")
 
 
 def _deployment_from_args(a, method=None) -> Deployment:
@@ -546,8 +562,11 @@ def _deployment_from_args(a, method=None) -> Deployment:
     return _cached_deployment(a.workdir, a.config, bool(a.untrained), int(a.seed), a.step, method)
 
 
-def collect_images(specs: Sequence[str]) -> list[str]:
-    """Files as given, folders expanded to their images (not recursive, sorted). Raises DeployError."""
+def collect_images(specs: Sequence[str], keep_names: bool = False) -> list[str]:
+    """Files as given, folders expanded to their images (not recursive, sorted). Raises DeployError.
+
+    ``keep_names``: also refuse two inputs that would be written under the same name.
+    """
     out = []
     for s in specs:
         p = pathlib.Path(s)
@@ -560,59 +579,209 @@ def collect_images(specs: Sequence[str]) -> list[str]:
             out.append(str(p))
         else:
             raise DeployError(f"{s}: no such file or folder")
-    stems: dict[str, str] = {}
-    for f in out:
-        stem = pathlib.Path(f).stem
-        if stem in stems:
-            raise DeployError(f"{stems[stem]} and {f} would both be written as {stem}.npz; rename one")
-        stems[stem] = f
+    if keep_names:
+        stems: dict[str, str] = {}
+        for f in out:
+            stem = pathlib.Path(f).stem
+            if stem in stems:
+                raise DeployError(f"{stems[stem]} and {f} would both be written as {stem}.npz; rename one")
+            stems[stem] = f
     return out
 
 
+def default_manifest(out: str) -> str:
+    """``<out>.manifest.json`` beside the output folder (never inside it: it must not travel with the files)."""
+    return os.path.abspath(out).rstrip(os.sep) + ".manifest.json"
+
+
+def _inside(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
+def _opaque_name(out: str, taken: set[str]) -> str:
+    """A random 64-bit hex name that no file in ``out`` has (nor will get in this run)."""
+    while True:
+        name = secrets.token_hex(8)
+        if name not in taken and not any(os.path.exists(os.path.join(out, name + ext)) for ext in (".npz", ".xp.png")):
+            taken.add(name)
+            return name
+
+
+def _write_new(path: str, write) -> None:
+    """Create ``path`` (never replacing an existing file) and fill it with ``write(fileobj)``."""
+    try:
+        f = open(path, "xb")
+    except FileExistsError:
+        raise DeployError(f"{path}: already exists; ppfr-protect never overwrites a file (remove it, or choose "
+                          f"another --out)") from None
+    except OSError as e:
+        raise DeployError(f"{path}: cannot create it ({e.strerror or e})") from None
+    try:
+        with f:
+            write(f)
+    except BaseException as e:
+        os.unlink(path)  # no half-written file is left behind
+        if isinstance(e, OSError):
+            raise DeployError(f"{path}: writing failed ({e.strerror or e})") from None
+        raise
+
+
+def _update_manifest(path: str, entries: dict[str, str], out: str) -> None:
+    """Merge ``entries`` (output file -> input image) into the JSON manifest at ``path`` (atomically)."""
+    old: dict = {}
+    if os.path.exists(path):
+        try:
+            old = json.loads(pathlib.Path(path).read_text())["files"]
+            if not isinstance(old, dict):
+                raise TypeError
+        except (OSError, ValueError, KeyError, TypeError):
+            raise DeployError(f"--manifest {path}: exists and is not a ppfr-protect manifest; ppfr-protect never "
+                              f"overwrites a file (move it, or pass another --manifest)") from None
+    doc = {"note": "client-side record of which image each protected file came from; it names the people in "
+                   "them: keep it on this machine, never send it with the files",
+           "out": os.path.abspath(out), "files": {**old, **entries}}
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise DeployError(f"--manifest {path}: cannot write it ({e.strerror or e})") from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
+def _finite_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not np.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return v
+
+
+def _prepare_out(out: str, manifest: str | None) -> None:
+    if not out:
+        raise DeployError("--out: empty path")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise DeployError(f"--out {out}: exists and is not a folder")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise DeployError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise DeployError(f"--out {out}: the folder is not writable")
+    if manifest is not None:
+        if _inside(manifest, out):
+            raise DeployError(f"--manifest {manifest}: inside --out {out}; the manifest names the people in the "
+                              f"images and must stay on the client, away from the files that are sent")
+        if os.path.isdir(manifest):
+            raise DeployError(f"--manifest {manifest}: is a folder")
+
+
 def protect_main(argv: list[str] | None = None) -> int:
-    """``ppfr-protect``: aligned 112x112 face images -> one protected ``.npz`` per image (+ X_p preview PNG)."""
+    """``ppfr-protect``: aligned 112x112 face images -> one protected ``.npz`` per image (+ X_p preview PNG).
+
+    Output names are random (``<16 hex digits>.npz``): an image's file name (LFW's
+    ``Jane_Doe_0001.jpg``) is often the person's identity, and protected files are
+    made to be sent. Which image each came from goes to a manifest kept beside,
+    never inside, ``--out``. ``--keep-names`` names them ``<image stem>.npz`` instead.
+    No existing file is ever overwritten. Every bad input is one line
+    ``ppfr-protect: error: ...`` and exit status 2.
+    """
     p = argparse.ArgumentParser(prog="ppfr-protect", description=(
         "Run the client half of a DuetFace / MinusFace run on aligned 112x112 faces (ppfr-align makes them) and "
-        "write what the client would send: <out>/<image stem>.npz (and <stem>.xp.png for MinusFace)."))
+        "write what the client would send: <out>/<random name>.npz (and <name>.xp.png for MinusFace). The "
+        "image each file came from is recorded in a manifest beside --out (not inside it): keep that on the "
+        "client. Existing files are never overwritten."))
     p.add_argument("--method", choices=METHODS, default=None, help="check that the run is of this method")
     _add_run_args(p)
     p.add_argument("--images", nargs="+", required=True, help="image files and/or folders of images")
-    p.add_argument("--out", required=True, help="output folder (created)")
+    p.add_argument("--out", required=True, help="output folder (created); holds only what may be sent")
+    p.add_argument("--manifest", default=None,
+                   help="where to record which image each output came from (JSON, merged into an existing "
+                        "manifest; default: <out>.manifest.json beside the output folder; never inside --out)")
+    p.add_argument("--keep-names", action="store_true",
+                   help="name each output after its input image (<image stem>.npz) instead of a random name. "
+                        "WARNING: image names such as Jane_Doe_0001.jpg name the person, and that name then "
+                        "travels with the protected file")
     p.add_argument("--onnx", default=None, help="run this exported client (ppfr-export) with onnxruntime "
                                                 "instead of JAX; it must come from the same run")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--no-preview", action="store_true", help="MinusFace: do not write the X_p PNG")
     a = p.parse_args(argv)
+    manifest = None if a.keep_names else (a.manifest or default_manifest(a.out))
     try:
         from ppfr_jax import evaluate
-        files = collect_images(a.images)
+        files = collect_images(a.images, keep_names=a.keep_names)
+        _prepare_out(a.out, manifest)
         try:
             images, _, _ = evaluate.decode_images(files, size_hw=(IMAGE_SIZE, IMAGE_SIZE))
         except evaluate.BadInputError as e:
             raise DeployError(f"{e} (ppfr-protect takes faces already aligned to {IMAGE_SIZE}x{IMAGE_SIZE}; "
                               f"align them with ppfr-align)") from None
         dep = _deployment_from_args(a, a.method)
+        preview = dep.method == "minusface" and not a.no_preview
+        taken: set[str] = set()
+        names = [pathlib.Path(f).stem if a.keep_names else _opaque_name(a.out, taken) for f in files]
+        if a.keep_names:  # refuse before computing anything, not half-way through
+            for n in names:
+                for ext in (".npz",) + ((".xp.png",) if preview else ()):
+                    if os.path.exists(os.path.join(a.out, n + ext)):
+                        raise DeployError(f"{os.path.join(a.out, n + ext)}: already exists; ppfr-protect never "
+                                          f"overwrites a file (remove it, or choose another --out)")
         runner = None
         if a.onnx:
             from ppfr_jax import export
             runner = export.OnnxClient(a.onnx, expect=dep)
-        os.makedirs(a.out, exist_ok=True)
         from PIL import Image
-        for i in range(0, len(files), max(1, a.batch_size)):
-            batch = images[i:i + a.batch_size]
-            extra = dep.client_extra(batch)
-            outs = runner.run(batch, extra) if runner else dep.protect(batch, extra)
-            for j, f in enumerate(files[i:i + a.batch_size]):
-                stem = pathlib.Path(f).stem
-                save_protected(os.path.join(a.out, stem + ".npz"), dep, {k: v[j] for k, v in outs.items()},
-                               backend="onnxruntime" if runner else "jax")
-                if dep.method == "minusface" and not a.no_preview:
-                    Image.fromarray(preview_image(outs["x_p"][j])).save(os.path.join(a.out, stem + ".xp.png"))
+        written: dict[str, str] = {}
+        try:
+            for i in range(0, len(files), a.batch_size):
+                batch = images[i:i + a.batch_size]
+                extra = dep.client_extra(batch)
+                outs = runner.run(batch, extra) if runner else dep.protect(batch, extra)
+                for j, f in enumerate(files[i:i + a.batch_size]):
+                    name = names[i + j]
+                    sample = {k: v[j] for k, v in outs.items()}
+                    _write_new(os.path.join(a.out, name + ".npz"),
+                               lambda fh: save_protected(fh, dep, sample, backend="onnxruntime" if runner else "jax"))
+                    written[name + ".npz"] = os.path.abspath(f)
+                    if preview:
+                        png = Image.fromarray(preview_image(sample["x_p"]))
+                        _write_new(os.path.join(a.out, name + ".xp.png"), lambda fh: png.save(fh, "PNG"))
+        finally:
+            if manifest is not None and written:  # even after a failure: what was written stays traceable
+                _update_manifest(manifest, written, a.out)
     except DeployError as e:
         print(f"ppfr-protect: error: {e}", file=sys.stderr)
         return 2
+    where = (f"; which image each came from: {manifest} (keep it on this machine: it names the people)"
+             if manifest else "; named after the input images (--keep-names)")
     print(f"ppfr-protect: {len(files)} protected file(s) in {a.out} ({dep.method}, client {dep.client_fingerprint}, "
-          f"{'onnxruntime' if runner else 'jax'}; from {dep.source})")
+          f"{'onnxruntime' if runner else 'jax'}; from {dep.source}){where}")
     return 0
 
 
@@ -624,7 +793,7 @@ def verify_main(argv: list[str] | None = None) -> int:
     _add_run_args(p)
     p.add_argument("a", help="protected file (.npz)")
     p.add_argument("b", help="protected file (.npz)")
-    p.add_argument("--threshold", type=float, default=None,
+    p.add_argument("--threshold", type=_finite_float, default=None,
                    help=f"cosine threshold (default: the run's results.json, else {DEFAULT_THRESHOLD})")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     a = p.parse_args(argv)

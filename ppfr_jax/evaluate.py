@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
-import io
 import json
 import os
 import pathlib
@@ -41,9 +40,8 @@ import time
 from typing import Any, Callable, Sequence
 
 import numpy as np
-from PIL import Image
 
-from ppfr_jax import align
+from ppfr_jax import align, image_io, safe_npz, safe_pickle
 
 THRESHOLDS = np.arange(0, 4, 0.01)
 
@@ -263,51 +261,48 @@ def embed(apply_fn: Callable, images: np.ndarray, *, batch_size: int = 128, flip
 # ----------------------------------------------------------------------------- .bin sets
 
 
-class _BinUnpickler(pickle.Unpickler):
-    """Builds only plain data: containers, bytes, bools/ints, numpy bool/uint8 arrays and scalars."""
-
-    _ALLOWED = {
-        ("builtins", "bytes"), ("builtins", "bytearray"), ("builtins", "list"), ("builtins", "tuple"),
-        ("builtins", "bool"), ("builtins", "int"), ("builtins", "set"), ("builtins", "frozenset"),
-        # Python 3 writes bytes at pickle protocols < 3 as _codecs.encode(str, 'latin1').
-        ("_codecs", "encode"),
-        ("numpy", "ndarray"), ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
-    }
-
-    def find_class(self, module, name):
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(
-            f"refusing to load global {module}.{name}: a verification .bin holds only "
-            "encoded images and booleans")
-
-    def persistent_load(self, pid):
-        raise pickle.UnpicklingError("refusing persistent ids in a verification .bin")
+# What an insightface .bin may name: containers, bytes, bools/ints and plain numpy arrays/scalars (rebuilt
+# from their bytes by safe_pickle; size-taking constructors such as bytes(n) are refused).
+_BIN_ALLOWED = {**safe_pickle.builtins_allowlist("bytes", "bytearray", "list", "tuple", "bool", "int", "set",
+                                                 "frozenset"),
+                **safe_pickle.numpy_allowlist()}
 
 
 def load_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
-    """Read an insightface verification ``.bin``.
+    """Read an insightface verification ``.bin`` (a pickle of ``(images, issame)``).
+
+    The pickle runs under ``ppfr_jax.safe_pickle``'s rules (SECURITY.md): only plain
+    data is built, never code; memory is bounded by the file's bytes plus at most
+    ``safe_pickle.MAX_OPCODES`` small objects; nesting at most ``safe_pickle.MAX_DEPTH``.
 
     Returns:
       (encoded images: list of 2P bytes, issame: (P,) bool).
     Raises:
-      BadInputError naming the file for a malformed or unsafe pickle.
+      BadInputError naming the file for a missing, malformed, unsafe or over-limit file.
     """
     path = os.fspath(path)
     try:
         with open(path, "rb") as f:
-            obj = _BinUnpickler(f, encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as e:
-        raise BadInputError(f"{path}: not a readable verification .bin: {e}") from None
+            reader = safe_pickle.BoundedReader(f, os.fstat(f.fileno()).st_size)
+            obj = safe_pickle.RestrictedUnpickler(reader, _BIN_ALLOWED, encoding="bytes").load()
+        obj = safe_pickle.resolve(obj)
+    except FileNotFoundError:
+        raise BadInputError(f"{path}: no such file") from None
+    except safe_pickle.UnsafePickleError as e:
+        raise BadInputError(f"{path}: {e} (a verification .bin holds only encoded images and booleans)") from None
+    except Exception as e:  # noqa: BLE001  (a hostile pickle can raise anything; name the file)
+        raise BadInputError(f"{path}: not a readable verification .bin: {type(e).__name__}: {e}") from None
     if not (isinstance(obj, (tuple, list)) and len(obj) == 2):
         raise BadInputError(f"{path}: expected a pickled (images, issame) pair, got {type(obj).__name__}")
     bins, issame = obj
-    try:
-        same = np.asarray(issame, dtype=bool).reshape(-1)
-    except (TypeError, ValueError):
-        raise BadInputError(f"{path}: issame list is not booleans") from None
+    if not isinstance(bins, (list, tuple)):
+        raise BadInputError(f"{path}: images must be a list, got {type(bins).__name__}")
+    if isinstance(issame, np.ndarray):
+        issame = issame.tolist() if issame.ndim <= 1 else None
+    if not (isinstance(issame, (list, tuple)) and all(isinstance(s, (bool, int, np.bool_, np.integer))
+                                                       and int(s) in (0, 1) for s in issame)):
+        raise BadInputError(f"{path}: issame must be a flat list of booleans (0/1)")
+    same = np.asarray([bool(s) for s in issame], dtype=bool)
     if len(bins) < 2 * same.size:
         raise BadInputError(f"{path}: {same.size} pairs need {2 * same.size} images, found {len(bins)}")
     images = []
@@ -376,17 +371,14 @@ def read_pairs(pairs_path: str | os.PathLike, ext: str = "jpg") -> list[Pair]:
 
 
 def _decode(src: bytes | str, what: str, matrix=None, size_hw=None) -> np.ndarray:
+    """``image_io.decode_rgb`` (the decoder training uses too), then the optional alignment warp."""
     try:
-        im = Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src)
-        im.load()
-        im = im.convert("RGB")
-    except FileNotFoundError:
-        raise BadInputError(f"{what}: image not found") from None
-    except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for corrupt/truncated files
-        raise BadInputError(f"{what}: cannot decode image ({e})") from None
+        img = image_io.decode_rgb(src, what, expect_hw=size_hw if matrix is None else None)
+    except image_io.ImageDecodeError as e:
+        raise BadInputError(str(e)) from None
     if matrix is not None:
-        return align.warp_affine(im, matrix, size_hw)
-    return np.asarray(im)
+        return align.warp_affine(img, matrix, size_hw)
+    return img
 
 
 def decode_images(sources: Sequence[bytes | str], *, names: Sequence[str] | None = None,
@@ -574,8 +566,8 @@ def load_set(spec: str, *, image_root: str | None = None, landmarks: str | None 
 def demo_eval_landmarks() -> np.ndarray:
     """(2P, 98, 2) float32 normalised landmarks of the demo verification images (pair order)."""
     from ppfr_jax.demo_data import demo_paths
-    with np.load(demo_paths()["eval_landmarks"], allow_pickle=False) as z:
-        return np.asarray(z["landmarks"], np.float32)
+    z = safe_npz.load_npz(demo_paths()["eval_landmarks"], error=BadInputError, names=("landmarks",))
+    return np.asarray(z["landmarks"], np.float32)
 
 
 # ----------------------------------------------------------------------------- models (the plug-in hook)

@@ -37,6 +37,29 @@ def cosine_logits(embeddings, kernel):
     return jnp.clip(jnp.dot(e, k, precision=jax.lax.Precision.HIGHEST), -1.0, 1.0)
 
 
+# Floor of 1 - cos^2 in the *derivative* of sin(theta) = sqrt(1 - cos^2): float32's own resolution
+# near cos = +-1 (1 - (1 - 2**-24)**2 ~ 1.2e-7), so the gradient is never larger than the one at the
+# float32 cosine closest to +-1, and it is finite at exactly +-1 where d sqrt(u)/du is infinite.
+_SIN_GRAD_FLOOR = 1.2e-7
+
+
+@jax.custom_jvp
+def _sin_from_cos(c):
+    """sin(theta) = sqrt(max(1 - c^2, 0)) for c = cos(theta) in [-1, 1], with a bounded derivative.
+
+    The value is exact; the derivative -c / sin(theta) (infinite at c = +-1, the
+    collinear case) is evaluated with sin^2 floored at ``_SIN_GRAD_FLOOR``.
+    """
+    return jnp.sqrt(jnp.maximum(1.0 - c * c, 0.0))
+
+
+@_sin_from_cos.defjvp
+def _sin_from_cos_jvp(primals, tangents):
+    (c,), (dc,) = primals, tangents
+    s = _sin_from_cos(c)
+    return s, -c * jax.lax.rsqrt(jnp.maximum(1.0 - c * c, _SIN_GRAD_FLOOR)) * dc
+
+
 def _onehot(labels, num_columns, dtype=jnp.float32):
     return jax.nn.one_hot(labels, num_columns, dtype=dtype)
 
@@ -53,7 +76,7 @@ def arcface_margin(cos, labels, scale=64.0, margin=0.5, easy_margin=False):
     """
     onehot = _onehot(labels, cos.shape[1], cos.dtype)
     t = _target(cos, onehot)
-    sin_t = jnp.sqrt(jnp.maximum(1.0 - t * t, 0.0))
+    sin_t = _sin_from_cos(t)
     cos_tm = t * math.cos(margin) - sin_t * math.sin(margin)
     if easy_margin:
         final = jnp.where(t > 0, cos_tm, t)
@@ -78,7 +101,7 @@ def curricular_margin(cos, labels, t, scale=64.0, margin=0.5, alpha=0.1):
     """
     onehot = _onehot(labels, cos.shape[1], cos.dtype)
     tgt = _target(cos, onehot)
-    sin_t = jnp.sqrt(jnp.maximum(1.0 - tgt * tgt, 0.0))
+    sin_t = _sin_from_cos(tgt)
     cos_tm = tgt * math.cos(margin) - sin_t * math.sin(margin)
     final = jnp.where(tgt > math.cos(math.pi - margin), cos_tm, tgt - math.sin(math.pi - margin) * margin)
     new_t = jax.lax.stop_gradient(jnp.mean(tgt) * alpha + (1.0 - alpha) * t)

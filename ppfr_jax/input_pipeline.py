@@ -58,9 +58,12 @@ import sys
 import threading
 from typing import Callable, Iterable, Iterator, Sequence
 
+import google_crc32c
 import jax
 import numpy as np
 import tensorflow as tf
+
+from ppfr_jax import image_io, safe_npz
 
 # The input pipeline runs on the host CPU; TensorFlow must not claim accelerators JAX owns.
 try:
@@ -69,9 +72,12 @@ try:
 except (RuntimeError, ValueError):  # already initialised, or no such device type
     pass
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+IMAGE_EXTENSIONS = image_io.EXTENSIONS
 _HEADER = 12  # uint64 length + uint32 masked CRC32C of the length
 _FOOTER = 4  # uint32 masked CRC32C of the data
+MAX_LABEL = 2 ** 31 - 1  # labels are int32 on the device
+# normalised landmark coordinates: the crop is [0, 1]; points beyond it (the jaw) are kept, garbage is not
+LANDMARK_RANGE = (-1.0, 2.0)
 
 
 class BadRecordError(ValueError):
@@ -81,25 +87,9 @@ class BadRecordError(ValueError):
 # ----------------------------------------------------------------------------- TFRecord framing
 
 
-def _crc32c_table() -> list[int]:
-    table = []
-    for i in range(256):
-        c = i
-        for _ in range(8):
-            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-        table.append(c)
-    return table
-
-
-_CRC_TABLE = _crc32c_table()
-
-
 def crc32c(data: bytes) -> int:
-    """CRC-32C (Castagnoli) of ``data``; pure Python, meant for short inputs (record headers)."""
-    c = 0xFFFFFFFF
-    for b in data:
-        c = _CRC_TABLE[(c ^ b) & 0xFF] ^ (c >> 8)
-    return c ^ 0xFFFFFFFF
+    """CRC-32C (Castagnoli) of ``data`` (``google-crc32c``: hardware-accelerated C)."""
+    return google_crc32c.value(bytes(data))
 
 
 def masked_crc32c(data: bytes) -> int:
@@ -139,13 +129,27 @@ class ShardReader:
         return length
 
     def read(self, path: str, offset: int) -> bytes:
-        """-> the record payload (a serialised ``tf.train.Example``). Raises BadRecordError."""
+        """-> the record payload (a serialised ``tf.train.Example``), its CRC32C checked.
+
+        Raises BadRecordError naming the shard and offset: a header that is not a
+        record's, a truncated record, or a payload whose CRC does not match (the
+        bytes were damaged after writing; TensorFlow's reader says DataLossError).
+        """
         length = self.header(path, offset)
+        size = os.fstat(self._fd(path)).st_size
+        if offset + _HEADER + length + _FOOTER > size:  # before reading: a damaged length must not allocate
+            raise BadRecordError(f"{path}: record at offset {offset} is truncated: needs "
+                                 f"{_HEADER + length + _FOOTER} bytes, the shard has "
+                                 f"{size - offset} from there")
         data = os.pread(self._fd(path), length + _FOOTER, offset + _HEADER)
         if len(data) < length + _FOOTER:
             raise BadRecordError(f"{path}: record at offset {offset} is truncated: needs "
                                  f"{_HEADER + length + _FOOTER} bytes, the shard has "
                                  f"{_HEADER + len(data)} from there")
+        (crc,) = struct.unpack("<I", data[length:])
+        if masked_crc32c(data[:length]) != crc:
+            raise BadRecordError(f"{path}: record at offset {offset}: data CRC mismatch, the record's "
+                                 f"{length} bytes are corrupt")
         return data[:length]
 
     def close(self):
@@ -229,28 +233,58 @@ class Source:
             raise BadRecordError(f"{e} [{self.describe(i)}]") from None
 
     def check(self, i: int) -> str | None:
-        """Run record ``i`` through the same decoding ops as the pipeline; -> problem or None."""
+        """Check record ``i`` as training reads it; -> the first problem, or None.
+
+        The problem names the record (file, or shard + offset + index line) and the
+        field: the TFRecord framing (header and data CRC32C), the Example, its
+        ``image`` (decoded by ``image_io.decode_rgb``, as training does) and
+        ``landmarks`` (count, finite, within ``LANDMARK_RANGE``).
+        """
+        where = self.describe(i)
         try:
-            data = self.read_bytes(i)
-            if self.kind == "tfrecord":
-                ex = tf.train.Example.FromString(data)
-                feats = ex.features.feature
-                if "image" not in feats or not feats["image"].bytes_list.value:
-                    return f"{self.describe(i)}: Example has no 'image' bytes feature"
-                if self.record_landmarks:
-                    n = len(feats["landmarks"].float_list.value) if "landmarks" in feats else 0
-                    if n != 2 * self.record_landmarks:
-                        return (f"{self.describe(i)}: 'landmarks' has {n} floats, expected "
-                                f"{2 * self.record_landmarks}")
-                data = feats["image"].bytes_list.value[0]
-            _decode_image(tf.constant(data)).numpy()
+            path = self.files[int(self.file_id[i])]
+            if self.kind == "files":
+                with open(path, "rb") as fh:
+                    data = fh.read()
+            else:
+                data = self._reader.read(path, int(self.offsets[i]))
         except (BadRecordError, OSError) as e:
-            return f"{self.describe(i)}: {e}"
-        except tf.errors.OpError as e:
-            return f"{self.describe(i)}: cannot decode image ({e.message.splitlines()[0]})"
-        except Exception as e:  # protobuf DecodeError and the like
-            return f"{self.describe(i)}: {type(e).__name__}: {e}"
+            return f"{where}: {e}"
+        if self.kind == "tfrecord":
+            try:
+                feats = tf.train.Example.FromString(data).features.feature
+            except Exception as e:  # noqa: BLE001  (protobuf's DecodeError and the like)
+                return f"{where}: not a tf.train.Example ({type(e).__name__}: {e})"
+            if "image" not in feats or len(feats["image"].bytes_list.value) != 1:
+                return f"{where}: field 'image': missing, or not exactly one bytes value"
+            if self.record_landmarks:
+                vals = feats["landmarks"].float_list.value if "landmarks" in feats else []
+                if len(vals) != 2 * self.record_landmarks:
+                    return f"{where}: field 'landmarks': {len(vals)} floats, expected {2 * self.record_landmarks}"
+                problem = landmark_problem(np.asarray(vals, np.float32))
+                if problem:
+                    return f"{where}: field 'landmarks': {problem}"
+            data = feats["image"].bytes_list.value[0]
+        elif self.landmarks is not None:
+            problem = landmark_problem(self.landmarks[i])
+            if problem:
+                return f"{where}: landmarks: {problem}"
+        try:
+            image_io.decode_rgb(data, "image")
+        except image_io.ImageDecodeError as e:
+            return f"{where}: field 'image': {str(e).removeprefix('image: ')}"
         return None
+
+
+def landmark_problem(lm: np.ndarray) -> str | None:
+    """Why normalised landmarks are unusable (non-finite, or outside ``LANDMARK_RANGE``), or None."""
+    lm = np.asarray(lm, np.float32)
+    if not np.isfinite(lm).all():
+        return "non-finite values"
+    lo, hi = LANDMARK_RANGE
+    if lm.size and (lm.min() < lo or lm.max() > hi):
+        return f"values in [{lm.min():.3g}, {lm.max():.3g}], outside the normalised range [{lo}, {hi}]"
+    return None
 
 
 def _list_images(folder: str, extensions: Sequence[str]) -> list[str]:
@@ -296,17 +330,23 @@ def image_folder_source(root: str | os.PathLike, *, skip_bad: bool = False,
         labels.extend([lab] * len(imgs))
     lm = None
     if landmarks is not None:
-        with np.load(landmarks, allow_pickle=False) as z:
-            table = {str(p): i for i, p in enumerate(z["paths"])}
-            arr = np.asarray(z["landmarks"], np.float32)
+        z = safe_npz.load_npz(landmarks, error=BadRecordError, names=("paths", "landmarks"))
+        if "paths" not in z or "landmarks" not in z:
+            raise BadRecordError(f"{landmarks}: needs arrays 'paths' and 'landmarks', has {sorted(z)}")
+        table = {str(p): i for i, p in enumerate(z["paths"])}
+        arr = np.asarray(z["landmarks"], np.float32)
         if arr.ndim != 3 or arr.shape[2] != 2:
-            raise ValueError(f"{landmarks}: 'landmarks' must be (M, K, 2), got {arr.shape}")
+            raise BadRecordError(f"{landmarks}: 'landmarks' must be (M, K, 2), got {arr.shape}")
+        if len(z["paths"]) != len(arr):
+            raise BadRecordError(f"{landmarks}: {len(z['paths'])} paths but {len(arr)} landmark rows")
         keep, rows = [], []
         for j, f in enumerate(files):
             rel = pathlib.Path(f).relative_to(root).as_posix()
             r = table.get(rel)
-            if r is None:
-                msg = f"{f}: no landmarks for it in {landmarks}"
+            problem = None if r is None else landmark_problem(arr[r])
+            if r is None or problem:
+                msg = (f"{f}: no landmarks for it in {landmarks}" if r is None else
+                       f"{f}: landmarks (row {r} of {landmarks}): {problem}")
                 if not skip_bad:
                     raise BadRecordError(msg + " (pass skip_bad=True to skip it)")
                 problems.append(msg)
@@ -358,8 +398,10 @@ def read_tface_index(index_path: str | os.PathLike, data_root: str | os.PathLike
                     raise ValueError(f"expected 4 fields (name shard offset label) or 3 "
                                      f"(shard_file offset label), got {len(parts)}")
                 offset, label = int(offset), int(label)
-                if offset < 0 or label < 0:
-                    raise ValueError("offset and label must be >= 0")
+                if offset < 0:
+                    raise ValueError(f"field 'offset': must be >= 0, got {offset}")
+                if not 0 <= label <= MAX_LABEL:
+                    raise ValueError(f"field 'label': must be in [0, {MAX_LABEL}], got {label}")
             except ValueError as e:
                 raise BadRecordError(f"{index_path} line {line_no}: {e}: {line!r}") from None
             sid = shard_ids.get(path)
@@ -568,15 +610,26 @@ def host_batch_indices(step: int, n: int, global_batch: int, process_index: int,
 # ----------------------------------------------------------------------------- tf.data
 
 
+_UNDECODABLE = np.zeros((0, 0, 3), np.uint8)
+
+
+def _decode_py(data) -> np.ndarray:
+    if isinstance(data, np.ndarray):  # eager numpy_function: a 0-d object array
+        data = data.item()
+    try:
+        return image_io.decode_rgb(bytes(data))
+    except image_io.ImageDecodeError:
+        # an empty image fails the assertion below: a plain op error (TF would otherwise log the Python
+        # traceback); TrainIterator then names the record with Source.check
+        return _UNDECODABLE
+
+
 def _decode_image(data: tf.Tensor) -> tf.Tensor:
-    """Encoded bytes -> uint8 (H, W, 3). JPEG with the accurate integer IDCT: bit-identical to PIL."""
-    def jpeg():
-        return tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE")
-
-    def other():
-        return tf.io.decode_image(data, channels=3, expand_animations=False)
-
-    img = tf.cond(tf.io.is_jpeg(data), jpeg, other)
+    """Encoded bytes -> uint8 (H, W, 3) by ``image_io.decode_rgb``, the decoder every reader uses
+    (evaluation, alignment, the client): same pixels in training and evaluation (see its doc)."""
+    img = tf.numpy_function(_decode_py, [data], tf.uint8, stateful=False)
+    with tf.control_dependencies([tf.debugging.assert_positive(tf.size(img), message="undecodable image")]):
+        img = tf.identity(img)
     img.set_shape([None, None, 3])
     return img
 
@@ -679,7 +732,10 @@ class TrainIterator:
                 spec["landmarks"] = tf.io.FixedLenFeature([2 * k], tf.float32)
 
             def read_py(i):
-                return np.array(src.read_bytes(int(i)), dtype=object)
+                try:
+                    return np.array(src.read_bytes(int(i)), dtype=object)
+                except BadRecordError:  # an empty payload fails parsing below; check() names the record
+                    return np.array(b"", dtype=object)
         seed, flip, size, dtype = self.seed, self.flip, self.image_size, _DTYPES[self.output_dtype]
         with_lm = self.with_landmarks
 
@@ -696,6 +752,12 @@ class TrainIterator:
                 img_bytes = feats["image"]
                 if "landmarks" in feats:
                     lm = tf.reshape(feats["landmarks"], [k, 2])
+                    # a bad value stops the batch; TrainIterator then names the record (Source.check)
+                    lo, hi = LANDMARK_RANGE
+                    with tf.control_dependencies([
+                            tf.debugging.assert_greater_equal(lm, lo, message="landmarks"),
+                            tf.debugging.assert_less_equal(lm, hi, message="landmarks")]):
+                        lm = tf.debugging.check_numerics(lm, "landmarks")
             if side_lm is not None:
                 lm = tf.gather(side_lm, idx)
             img = _decode_image(img_bytes)
@@ -852,6 +914,8 @@ class TfdsIterator:
         ds = tf.data.Dataset.zip((ds, tf.data.Dataset.range(self.step * self.local_batch, 2 ** 62)))
         dtype = _DTYPES[output_dtype]
         pid = self.process_index
+        n_classes = self.num_classes
+        self.name = name
 
         @tf.autograph.experimental.do_not_convert
         def element(ex, pos):
@@ -862,7 +926,11 @@ class TfdsIterator:
             if flip:
                 img = tf.cond(_flip_coin(seed * 1009 + pid, pos), lambda: tf.reverse(img, [1]), lambda: img)
             img = img if dtype == tf.uint8 else tf.cast(tf.cast(img, tf.float32) / 127.5 - 1.0, dtype)
-            return {"image": img, "label": tf.cast(ex[label_key], tf.int32)}
+            label = tf.cast(ex[label_key], tf.int32)
+            with tf.control_dependencies([tf.debugging.assert_non_negative(label, message="label < 0"),
+                                          tf.debugging.assert_less(label, n_classes, message="label >= classes")]):
+                label = tf.identity(label)
+            return {"image": img, "label": label}
 
         ds = ds.map(element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         ds = ds.batch(self.local_batch, drop_remainder=True).prefetch(prefetch)
@@ -875,7 +943,11 @@ class TfdsIterator:
         return self
 
     def __next__(self) -> dict:
-        b = next(self._it)
+        try:
+            b = next(self._it)
+        except tf.errors.OpError as e:  # a damaged image or an out-of-range label (the graph checks both)
+            raise BadRecordError(f"TFDS {self.name}: a record of the batch of step {self.step} is bad: "
+                                 f"{e.message.splitlines()[0]}") from None
         self.step += 1
         return b
 
@@ -961,7 +1033,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--landmarks", default=None, help="npz with paths (relative to --images) and landmarks (M,K,2)")
     c.add_argument("--shard-size", type=int, default=500_000)
     c.add_argument("--skip-bad", action="store_true")
-    v = sub.add_parser("verify", help="list a TFace index and decode every record")
+    v = sub.add_parser("verify", help="check every record of a TFace index as training reads it (index line, "
+                                      "framing and data CRC32C, Example fields, image decode, landmarks)")
     v.add_argument("--index", required=True)
     v.add_argument("--data-root", default=None)
     a = p.parse_args(argv)
@@ -975,7 +1048,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = [m for m in (src.check(i) for i in range(len(src))) if m is not None]
     for m in src.problems + bad:
         print(m)
-    print(f"{len(src)} records listed, {len(src.problems)} bad index lines, {len(bad)} undecodable")
+    print(f"{len(src)} records listed, {len(src.problems)} bad index lines, {len(bad)} bad records"
+          + (f"; first: {(src.problems + bad)[0]}" if src.problems or bad else ""))
     return 1 if (src.problems or bad) else 0
 
 

@@ -2,6 +2,9 @@
 
 Also installed as ``ppfr-train``. Overrides: ``--config.num_train_steps=100``.
 """
+import os
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -14,9 +17,23 @@ flags.mark_flags_as_required(["config", "workdir"])
 def _main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from ppfr_jax import train
+    from ppfr_jax import config_lib, train
     logging.set_verbosity(logging.WARNING)
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    try:
+        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except config_lib.ConfigError as e:
+        # a bad setting is the user's to fix: one line, no traceback
+        print(f"ppfr-train: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except train.RunError as e:
+        print(f"ppfr-train: error: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # at once: after a failed save, Orbax's background threads could hold the interpreter's exit for their
+        # 300 s timeout; the lock goes with the process, everything else was closed by train_and_evaluate
+        os._exit(2)
+    except train.NonFiniteLossError as e:
+        print(f"ppfr-train: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def run():

@@ -703,8 +703,13 @@ def run_privacy(config, workdir: str, *, log=None) -> dict:
       recogniser), ``attacker_accuracy_std``, ``n_images``, ``n_pairs``,
       ``protected_ssim``, ``protected_psnr``, ``representation``, ``weights``,
       ``attacker_steps``, ``attacker_final_l1``, ``grid``.
+    Raises:
+      config_lib.ConfigError naming a bad config field (checked before anything is built).
     """
     from clu import metric_writers
+
+    from ppfr_jax import config_lib
+    config_lib.validate_privacy(config)
 
     is_main = jax.process_index() == 0
     log = log or (lambda msg: print(msg, flush=True) if is_main else None)
@@ -813,7 +818,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("ppfr-privacy: --config and --workdir are required "
                          "(e.g. --config configs/privacy.py:demo --workdir runs/privacy)")
     logging.set_verbosity(logging.WARNING)
-    run_privacy(fv.config, fv.workdir)
+    from ppfr_jax import config_lib
+    try:
+        run_privacy(fv.config, fv.workdir)
+    except config_lib.ConfigError as e:
+        raise SystemExit(f"ppfr-privacy: error: {e}") from None
     return 0
 
 

@@ -23,21 +23,32 @@ Two container formats exist:
 
 Tensors come back as C-contiguous numpy arrays (bfloat16 / float8 as
 ``ml_dtypes``); ``torch.Size`` as tuple; ``nn.Parameter`` as its array.
+
+Hostile files (SECURITY.md): the pickle runs under ``ppfr_jax.safe_pickle``'s
+rules (allowlist, no state setting but on our stand-ins, opcode budget,
+collision-proof keys, nesting depth), and a file's cost is bounded by the bytes
+it holds. For a file of F bytes: at most ``MAX_INFLATION * F + 1 MiB`` bytes
+are decompressed (every zip member's declared size is checked before it is
+read, and ``data.pkl`` is at most ``MAX_PICKLE_BYTES``); a storage must hold
+exactly the bytes its tensor type and element count say; the tensors handed
+back total at most ``2 * S + 16 MiB`` bytes, S the storage bytes read (a
+stride-0 or shared-storage view cannot be expanded into gigabytes).
+Every failure is :class:`CheckpointReadError` (or :class:`UnsafeCheckpointError`)
+naming the file.
 """
 from __future__ import annotations
 
-import collections
 import io
 import os
 import pickle
-import struct
 import tarfile
 import zipfile
 from typing import Any, Mapping
-from zlib import error as zlib_error
 
 import ml_dtypes
 import numpy as np
+
+from ppfr_jax import safe_pickle
 
 __all__ = [
     "CheckpointReadError",
@@ -49,6 +60,9 @@ __all__ = [
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
+MAX_PICKLE_BYTES = 64 << 20  # a zip's data.pkl (a large model's state_dict pickle is ~1 MB)
+MAX_INFLATION = 64  # decompressed bytes per byte of file (torch writes members uncompressed: 1)
+_SLACK = 16 << 20  # tensors may exceed their storages by this much (small expanded views)
 
 
 class CheckpointReadError(ValueError):
@@ -98,17 +112,14 @@ _TORCH_DTYPES = {
 }
 
 
-class _Frozen:
-    """Base of every object a pickle can reach by name: refuses the BUILD opcode.
+class _Frozen(safe_pickle.StandIn):
+    """Base of every object a pickle can reach by name: no BUILD (``safe_pickle`` refuses it).
 
     Without this a pickle could ``BUILD`` new attributes onto a shared
     stand-in (or a half-built tensor) and change how later objects are read.
     """
 
     __slots__ = ()
-
-    def __setstate__(self, state):
-        raise UnsafeCheckpointError(f"the pickle tries to set state on {self!r}")
 
 
 class _StorageType(_Frozen):
@@ -186,7 +197,7 @@ class _TensorRef(_Frozen):
         if len(self.size) != len(self.stride):
             raise CheckpointReadError(f"tensor size {self.size} and stride {self.stride} differ in rank")
 
-    def materialize(self, big_endian: bool) -> np.ndarray:
+    def materialize(self, big_endian: bool, max_bytes: int) -> np.ndarray:
         raw = self.storage.bytes_()
         item = self.dtype.itemsize
         if raw.size % item:
@@ -195,7 +206,15 @@ class _TensorRef(_Frozen):
         flat = raw.view(self.dtype)
         if any(s < 0 for s in self.size) or any(s < 0 for s in self.stride) or self.offset < 0:
             raise CheckpointReadError(f"negative size/stride/offset {self.size}/{self.stride}/{self.offset}")
-        if 0 in self.size:
+        numel = 1
+        for n in self.size:
+            numel *= n
+        if numel * item > max_bytes:
+            raise CheckpointReadError(
+                f"tensor of size {self.size} (stride {self.stride}) of storage {self.storage.key!r} would take "
+                f"{numel * item} bytes once copied, more than this file's storages allow (at most twice the "
+                f"storage bytes it holds, plus {_SLACK >> 20} MiB, in all)")
+        if numel == 0:
             return np.zeros(self.size, self.dtype)
         # Bounds check before as_strided, which would otherwise read arbitrary memory.
         last = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride))
@@ -246,62 +265,24 @@ def _rebuild_parameter_with_state(data, requires_grad, backward_hooks, state):
 
 
 def _rebuild_from_type_v2(func, new_type, args, state):
-    if not (isinstance(func, _SafeCallable) and func.fn in _REBUILD_FUNCS) or not isinstance(new_type, _TensorClass):
+    if func not in _REBUILD_FUNCS or not isinstance(new_type, _TensorClass) or not isinstance(args, tuple):
         raise UnsafeCheckpointError(f"_rebuild_from_type_v2 with {func!r}, {new_type!r} is not allowed")
     return func(*args)
 
 
 def _torch_size(dims=()):
-    return tuple(int(d) for d in dims)
-
-
-def _codecs_encode(text, encoding="utf-8"):
-    # Protocol-2 pickles write ``bytes`` as _codecs.encode(str, 'latin1').
-    if encoding not in ("latin1", "latin-1", "utf-8", "utf8"):
-        raise UnsafeCheckpointError(f"_codecs.encode with encoding {encoding!r} is not allowed")
-    return str(text).encode(encoding)
-
-
-def _numpy_scalar(dtype, data=None):
-    dtype = np.dtype(dtype)
-    if dtype.hasobject:
-        raise UnsafeCheckpointError("numpy object scalars are not allowed in a checkpoint")
-    return np.frombuffer(data, dtype, count=1)[0]
-
-
-def _numpy_reconstruct(subtype, shape, dtype_code):
-    if subtype is not np.ndarray:
-        raise UnsafeCheckpointError(f"numpy _reconstruct of {subtype!r} is not allowed")
-    return np.ndarray.__new__(np.ndarray, shape, dtype_code)
-
-
-def _numpy_dtype(obj, align=False, copy=False):
-    # Always a fresh copy: the BUILD that follows must never touch numpy's shared dtype singletons.
-    return np.dtype(obj, bool(align), True)
+    dims = tuple(dims)
+    if not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
+        raise CheckpointReadError(f"torch.Size of {dims!r}")
+    return dims
 
 
 _REBUILD_FUNCS = {_rebuild_tensor, _rebuild_tensor_v2, _rebuild_tensor_v3, _rebuild_parameter,
                   _rebuild_parameter_with_state}
 
 
-class _SafeCallable(_Frozen):
-    """Wraps one of this module's functions so a pickle cannot ``BUILD`` onto it."""
-
-    __slots__ = ("fn",)
-
-    def __init__(self, fn):
-        object.__setattr__(self, "fn", fn)
-
-    def __call__(self, *args, **kwargs):
-        return self.fn(*args, **kwargs)
-
-    def __repr__(self):
-        return f"<safe {self.fn.__name__}>"
-
-
 def _build_allowlist() -> dict[tuple[str, str], Any]:
     allow: dict[tuple[str, str], Any] = {
-        ("collections", "OrderedDict"): collections.OrderedDict,
         ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
         ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
         ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
@@ -312,19 +293,10 @@ def _build_allowlist() -> dict[tuple[str, str], Any]:
         ("torch", "Tensor"): _TensorClass("torch.Tensor"),
         ("torch._tensor", "Tensor"): _TensorClass("torch.Tensor"),
         ("torch.nn.parameter", "Parameter"): _TensorClass("torch.nn.Parameter"),
-        ("_codecs", "encode"): _codecs_encode,
-        ("builtins", "set"): set,
-        ("builtins", "frozenset"): frozenset,
-        ("builtins", "slice"): slice,
-        ("builtins", "complex"): complex,
-        ("builtins", "bytearray"): bytearray,
-        # numpy scalars/arrays (e.g. a saved best accuracy) are plain data.
-        ("numpy", "dtype"): _numpy_dtype,
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy.core.multiarray", "scalar"): _numpy_scalar,
-        ("numpy._core.multiarray", "scalar"): _numpy_scalar,
-        ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,
-        ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
+        # plain data: containers and numbers (size-taking constructors are wrapped), numpy arrays/scalars
+        # (e.g. a saved best accuracy) rebuilt from plain dtypes and the bytes in the file
+        **safe_pickle.builtins_allowlist("set", "frozenset", "slice", "complex", "bytearray"),
+        **safe_pickle.numpy_allowlist(),
     }
     for name, dt in _STORAGE_DTYPES.items():
         st = _StorageType(name, dt)
@@ -333,63 +305,69 @@ def _build_allowlist() -> dict[tuple[str, str], Any]:
         allow[("torch.cuda", name)] = st  # legacy GPU saves
     for name, dt in _TORCH_DTYPES.items():
         allow[("torch", name)] = _TorchDType(name, dt)
-    return {k: _SafeCallable(v) if callable(v) and getattr(v, "__module__", None) == __name__
-            and not isinstance(v, _Frozen) else v for k, v in allow.items()}
+    return allow
 
 
 _ALLOWED = _build_allowlist()
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only ``_ALLOWED`` globals and storage persistent ids."""
+class _Budget:
+    """What a file of ``file_size`` bytes may cost: decompressed bytes, and tensor bytes handed back."""
 
-    def __init__(self, file, path: str, storage_loader=None):
-        super().__init__(file, encoding="latin1")
-        self._path = path
-        self._storage_loader = storage_loader  # (pid tuple) -> _Storage, or None: no storages allowed
+    def __init__(self, path: str, file_size: int):
+        self.path = path
+        self.inflate_left = MAX_INFLATION * file_size + (1 << 20)
+        self.stored = 0  # storage bytes read
 
-    def find_class(self, module, name):
-        obj = _ALLOWED.get((module, name))
-        if obj is None:
-            raise UnsafeCheckpointError(
-                f"{self._path}: the pickle asks for {module}.{name}, which is not allowed "
-                "(only tensors, storages and plain containers are read; a whole pickled model or "
-                "arbitrary object is refused: save a state_dict instead)")
-        return obj
+    def inflate(self, n: int, what: str) -> None:
+        if n > self.inflate_left:
+            raise CheckpointReadError(
+                f"{self.path}: {what} declares {n} bytes; a file of this size may expand to at most "
+                f"{MAX_INFLATION}x its size in all (zip bomb?)")
+        self.inflate_left -= n
 
-    def persistent_load(self, pid):
-        if self._storage_loader is None or not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
+    @property
+    def tensor_bytes(self) -> int:
+        return 2 * self.stored + _SLACK
+
+
+def _unpickle(f, path: str, storage_loader=None, what: str = "pickle"):
+    def persistent_load(pid):
+        if storage_loader is None or not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
             tag = pid[0] if isinstance(pid, tuple) and pid else type(pid).__name__
-            raise UnsafeCheckpointError(f"{self._path}: unsupported persistent id {tag!r} "
+            raise UnsafeCheckpointError(f"{path}: unsupported persistent id {tag!r} "
                                         "(pickled modules/source code are refused)")
-        return self._storage_loader(pid)
+        return storage_loader(pid)
+
+    try:
+        return safe_pickle.RestrictedUnpickler(f, _ALLOWED, persistent_load=persistent_load).load()
+    except CheckpointReadError:
+        raise
+    except safe_pickle.UnsafePickleError as e:
+        raise UnsafeCheckpointError(
+            f"{path}: {e} (only tensors, storages and plain containers are read; a whole pickled model or "
+            "arbitrary object is refused: save a state_dict instead)") from None
+    except Exception as e:  # noqa: BLE001  (a hostile pickle can raise anything a builder raises)
+        raise CheckpointReadError(f"{path}: truncated or corrupt {what} ({type(e).__name__}: {e})") from None
 
 
-# ------------------------------------------------------------------------- readers
+def _materialize(obj, big_endian: bool, budget: _Budget):
+    """Every tensor reference -> numpy, within the budget; stand-ins -> values (iterative, depth-limited)."""
+    used = [0]
 
-def _materialize(obj, big_endian: bool, memo: dict):
-    oid = id(obj)
-    if oid in memo:
-        return memo[oid]
-    if isinstance(obj, _TensorRef):
-        out = obj.materialize(big_endian)
-        memo[oid] = out
-        return out
-    if isinstance(obj, dict):  # includes OrderedDict; mutate in place to keep attributes (_metadata)
-        memo[oid] = obj
-        for k in list(obj.keys()):
-            obj[k] = _materialize(obj[k], big_endian, memo)
-        return obj
-    if isinstance(obj, list):
-        memo[oid] = obj
-        for i, v in enumerate(obj):
-            obj[i] = _materialize(v, big_endian, memo)
-        return obj
-    if isinstance(obj, tuple):
-        out = tuple(_materialize(v, big_endian, memo) for v in obj)
-        memo[oid] = out
-        return out
-    return obj
+    def leaf(o):
+        if isinstance(o, _TensorRef):
+            out = o.materialize(big_endian, budget.tensor_bytes - used[0])
+            used[0] += out.nbytes
+            return out
+        if isinstance(o, (safe_pickle.NumpyDType, safe_pickle.ArrayBuilder)):
+            return o._ppfr_resolve()
+        return o
+
+    try:
+        return safe_pickle.resolve(obj, leaf=leaf)
+    except safe_pickle.PickleReadError as e:
+        raise CheckpointReadError(f"{budget.path}: {e}") from None
 
 
 def _check_storage_pid(pid, n: int, path: str):
@@ -401,13 +379,28 @@ def _check_storage_pid(pid, n: int, path: str):
     return stype, str(key), _as_int(numel, "storage numel")
 
 
-def _load_zip(path: str) -> Any:
+def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, budget: _Budget, what: str) -> bytes:
+    """A zip member's bytes, its declared size charged to the budget *before* anything is decompressed."""
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise CheckpointReadError(f"{budget.path}: {what} uses zip compression {info.compress_type}; "
+                                  f"torch writes members stored (or deflated)")
+    budget.inflate(info.file_size, what)
+    with zf.open(info) as f:  # ZipExtFile stops at the declared size and checks the CRC
+        data = f.read(info.file_size + 1)
+    if len(data) != info.file_size:
+        raise CheckpointReadError(f"{budget.path}: {what} holds {len(data)} bytes, its zip entry says "
+                                  f"{info.file_size}")
+    return data
+
+
+def _load_zip(path: str, budget: _Budget) -> Any:
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as e:
         raise CheckpointReadError(f"{path}: corrupt zip-format checkpoint ({e})") from e
     with zf:
-        names = zf.namelist()
+        infos = {i.filename: i for i in zf.infolist()}
+        names = list(infos)
         pkls = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1] or \
                [n for n in names if n == "data.pkl"]
         if len(pkls) != 1:
@@ -416,8 +409,11 @@ def _load_zip(path: str) -> Any:
                 f"{path}: zip archive without exactly one '<dir>/data.pkl' (found {pkls}){hint}")
         prefix = pkls[0][: -len("data.pkl")]
         big_endian = False
-        if prefix + "byteorder" in names:
-            order = zf.read(prefix + "byteorder").decode("ascii", "replace").strip()
+        if prefix + "byteorder" in infos:
+            info = infos[prefix + "byteorder"]
+            if info.file_size > 16:
+                raise CheckpointReadError(f"{path}: byteorder entry of {info.file_size} bytes")
+            order = _read_member(zf, info, budget, "byteorder").decode("ascii", "replace").strip()
             if order not in ("little", "big"):
                 raise CheckpointReadError(f"{path}: unknown byteorder {order!r}")
             big_endian = order == "big"
@@ -428,42 +424,34 @@ def _load_zip(path: str) -> Any:
             if key in storages:
                 return storages[key]
             member = f"{prefix}data/{key}"
-            try:
-                data = zf.read(member)
-            except KeyError:
-                raise CheckpointReadError(f"{path}: storage {member!r} is missing from the archive") from None
-            except (zipfile.BadZipFile, OSError, EOFError, zlib_error) as e:
-                raise CheckpointReadError(f"{path}: storage {member!r} is corrupt ({e})") from e
+            info = infos.get(member)
+            if info is None:
+                raise CheckpointReadError(f"{path}: storage {member!r} is missing from the archive")
             need = numel * stype.dtype.itemsize
-            if len(data) < need:
+            if numel < 0 or info.file_size != need:  # checked before a byte is decompressed
                 raise CheckpointReadError(
-                    f"{path}: storage {member!r} has {len(data)} bytes, expected {need} "
+                    f"{path}: storage {member!r} has {info.file_size} bytes, expected {need} "
                     f"({numel} x {stype.dtype})")
+            data = _read_member(zf, info, budget, f"storage {member!r}")
+            budget.stored += need
             st = _Storage(key, stype.dtype, numel)
             st.raw = np.frombuffer(data, np.uint8, count=need)
             storages[key] = st
             return st
 
-        try:
-            pickled = zf.read(pkls[0])
-        except (zipfile.BadZipFile, OSError, EOFError, zlib_error) as e:
-            raise CheckpointReadError(f"{path}: {pkls[0]!r} is corrupt ({e})") from e
-        obj = _unpickle(io.BytesIO(pickled), path, load_storage, what=pkls[0])
-    return _materialize(obj, big_endian, {})
+        pinfo = infos[pkls[0]]
+        if pinfo.file_size > MAX_PICKLE_BYTES:
+            raise CheckpointReadError(f"{path}: {pkls[0]!r} declares {pinfo.file_size} bytes; this reader takes "
+                                      f"pickles of at most {MAX_PICKLE_BYTES >> 20} MiB")
+        pickled = _read_member(zf, pinfo, budget, repr(pkls[0]))
+        obj = _unpickle(safe_pickle.BoundedReader(io.BytesIO(pickled), len(pickled)), path, load_storage,
+                        what=pkls[0])
+    return _materialize(obj, big_endian, budget)
 
 
-def _unpickle(f, path: str, storage_loader=None, what: str = "pickle"):
-    try:
-        return _RestrictedUnpickler(f, path, storage_loader).load()
-    except (CheckpointReadError, UnsafeCheckpointError):
-        raise
-    except (EOFError, pickle.UnpicklingError, ValueError, TypeError, KeyError, IndexError, AttributeError,
-            struct.error, UnicodeDecodeError, OverflowError, MemoryError) as e:
-        raise CheckpointReadError(f"{path}: truncated or corrupt {what} ({type(e).__name__}: {e})") from e
-
-
-def _load_legacy(path: str, return_end: bool = False):
-    with open(path, "rb") as f:
+def _load_legacy(path: str, budget: _Budget, return_end: bool = False):
+    with open(path, "rb") as raw:
+        f = safe_pickle.BoundedReader(raw, os.path.getsize(path))
         try:
             magic = _unpickle(f, path, what="header")
         except UnsafeCheckpointError:
@@ -471,7 +459,7 @@ def _load_legacy(path: str, return_end: bool = False):
         except CheckpointReadError as e:
             raise CheckpointReadError(
                 f"{path}: not a PyTorch checkpoint (neither a zip archive nor a legacy file starting "
-                f"with the magic number), or truncated: {e.__cause__}") from e
+                f"with the magic number), or truncated: {e}") from None
         if magic != LEGACY_MAGIC:
             raise CheckpointReadError(
                 f"{path}: not a PyTorch checkpoint (neither a zip archive nor a legacy file with the "
@@ -492,6 +480,8 @@ def _load_legacy(path: str, return_end: bool = False):
                 root = storages[key] = _Storage(key, stype.dtype, numel)
             if view_meta is None:
                 return root
+            if not (isinstance(view_meta, tuple) and len(view_meta) == 3):
+                raise CheckpointReadError(f"{path}: storage view metadata {view_meta!r}")
             view_key, offset, view_size = view_meta
             view_key = str(view_key)
             if view_key not in storages:
@@ -509,24 +499,30 @@ def _load_legacy(path: str, return_end: bool = False):
         int64 = np.dtype("<i8" if little else ">i8")
         for key in keys:
             st = storages.get(str(key))
-            if st is None or st.base is not None:
-                raise CheckpointReadError(f"{path}: storage key {key!r} was not declared by the pickle")
-            head = f.read(8)
-            if len(head) != 8:
+            if st is None or st.base is not None or st.raw is not None:
+                raise CheckpointReadError(f"{path}: storage key {key!r} was not declared by the pickle "
+                                          f"(or is listed twice)")
+            if f.remaining < 8:
                 raise CheckpointReadError(f"{path}: truncated: file ends before storage {key!r}")
-            numel = int(np.frombuffer(head, int64)[0])
+            numel = int(np.frombuffer(f.read(8), int64)[0])
             if numel != st.numel:
                 raise CheckpointReadError(
                     f"{path}: storage {key!r} records {numel} elements, the pickle declared {st.numel}")
             nbytes = numel * st.dtype.itemsize
-            data = f.read(nbytes)
-            if len(data) != nbytes:
+            if nbytes > f.remaining:  # before reading: a huge count must not allocate
                 raise CheckpointReadError(
-                    f"{path}: truncated: storage {key!r} needs {nbytes} bytes, file has {len(data)} left")
-            st.raw = np.frombuffer(data, np.uint8)
-        end = f.tell()
-    out = _materialize(obj, not little, {})
+                    f"{path}: truncated: storage {key!r} needs {nbytes} bytes, file has {f.remaining} left")
+            st.raw = np.frombuffer(f.read(nbytes), np.uint8)
+            budget.stored += nbytes
+        end = os.path.getsize(path) - f.remaining
+    out = _materialize(obj, not little, budget)
     return (out, end) if return_end else out
+
+
+def _named(e: CheckpointReadError, path: str) -> CheckpointReadError:
+    if path in str(e):
+        return e
+    return type(e)(f"{path}: {e}")
 
 
 def load_torch_file(path: str | os.PathLike) -> Any:
@@ -540,24 +536,35 @@ def load_torch_file(path: str | os.PathLike) -> Any:
       and every tensor or parameter replaced by a C-contiguous ``np.ndarray`` of
       its dtype (bfloat16 -> ``ml_dtypes.bfloat16``).
 
+    Cost, for a file of F bytes (see the module doc): at most ``MAX_INFLATION * F
+    + 1 MiB`` bytes decompressed, tensors of at most twice the storage bytes read
+    plus 16 MiB, ``safe_pickle.MAX_OPCODES`` pickle opcodes, nesting at most
+    ``safe_pickle.MAX_DEPTH`` deep.
+
     Raises:
-      UnsafeCheckpointError: the pickle needs a global outside the allowlist
-        (nothing was called).
-      CheckpointReadError: truncated, corrupt or unsupported file (names it).
+      UnsafeCheckpointError: the pickle needs a global, a state or an opcode
+        outside the rules (nothing was called).
+      CheckpointReadError: truncated, corrupt, unsupported or over a limit (names it).
       FileNotFoundError: no such file.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    if zipfile.is_zipfile(path):
-        return _load_zip(path)
-    with open(path, "rb") as f:
-        first = f.read(2)
-    if first[:1] != b"\x80" and tarfile.is_tarfile(path):
-        raise CheckpointReadError(f"{path}: tar-based checkpoint (PyTorch < 0.1.10) is not supported")
-    if not first:
-        raise CheckpointReadError(f"{path}: empty file")
-    return _load_legacy(path)
+    try:
+        budget = _Budget(path, os.path.getsize(path))
+        if zipfile.is_zipfile(path):
+            return _load_zip(path, budget)
+        with open(path, "rb") as f:
+            first = f.read(2)
+        if not first:
+            raise CheckpointReadError(f"{path}: empty file")
+        if first[:1] != b"\x80" and tarfile.is_tarfile(path):
+            raise CheckpointReadError(f"{path}: tar-based checkpoint (PyTorch < 0.1.10) is not supported")
+        return _load_legacy(path, budget)
+    except CheckpointReadError as e:
+        raise _named(e, path) from None
+    except Exception as e:  # noqa: BLE001  (MemoryError, OverflowError, zlib.error, ...: the file's fault)
+        raise CheckpointReadError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
 
 
 _WRAPPER_KEYS = ("state_dict", "net_state_dict", "model_state_dict", "model", "net", "network",

@@ -12,16 +12,34 @@ cross-device reductions.
 Checkpoints: Orbax ``CheckpointManager`` (async; latest-N plus best-by-DevTest
 preservation) under ``<workdir>/checkpoints``; a workdir holding a checkpoint
 is resumed automatically (state, step and data position), onto whatever mesh
-the current run has. Logging: clu writers (TensorBoard, process 0) and
-``ReportProgress`` (steps/s, ETA). A non-finite loss stops the run with the
-step named; that update is never applied, so saved checkpoints stay good.
+the current run has (any device count: the head's padded class axis is
+re-padded). Logging: clu writers (TensorBoard, process 0) and
+``ReportProgress`` (steps/s, ETA).
+
+What survives what (SECURITY.md has the full list):
+
+* an update that makes the loss, the gradients or the new state non-finite is
+  not applied, and the run stops naming the step: no checkpoint ever holds a
+  non-finite state;
+* a damaged or non-finite checkpoint is skipped at restart: the newest intact
+  one is resumed, the skipped ones are moved to ``<workdir>/damaged_checkpoints``
+  and named with the reason; with none intact the run stops naming them;
+* one run per workdir: ``<workdir>/.ppfr_run.lock`` (``fcntl.flock``, released by
+  the kernel however the holder ends, SIGKILL included);
+* the checkpoint folder is tested for writing before the first step, and a
+  failed save stops the run at once, naming the checkpoint path;
+* a finished run run again prints its recorded results and changes nothing.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import shutil
+import socket
+import sys
 import time
 from typing import Any, Iterator
 
@@ -40,7 +58,11 @@ CLASS_PAD = 128  # head width is a multiple of this (and of the device count): r
 
 
 class NonFiniteLossError(FloatingPointError):
-    pass
+    """An update made the loss, gradients or the new state non-finite; it was not applied or saved."""
+
+
+class RunError(RuntimeError):
+    """The run cannot start or go on (workdir in use, checkpoint unwritable or unreadable); names the path."""
 
 
 @flax.struct.dataclass
@@ -170,6 +192,13 @@ def create_train_state(task, tx, rng, example_batch) -> TrainState:
                       opt_state=tx.init(params), bad_step=jnp.full((), -1, jnp.int32))
 
 
+def all_finite(tree) -> jax.Array:
+    """True when every floating-point leaf of ``tree`` is finite (a scalar bool array)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
 def train_step(state: TrainState, batch, rng, *, task, tx, schedule):
     rng = jax.random.fold_in(rng, state.step)
 
@@ -180,7 +209,9 @@ def train_step(state: TrainState, batch, rng, *, task, tx, schedule):
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
     grad_norm = optax.global_norm(grads)
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # the new state too: a finite gradient times a huge learning rate can still overflow the parameters
+    ok = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(new_params) & all_finite(new_opt)
+          & all_finite(new_ms))
     # a non-finite step is never applied: the state (and any checkpoint of it) stays good
     pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
     new_state = TrainState(
@@ -273,7 +304,8 @@ def run_verification(embed, variables, images, issame, mesh, batch_size) -> dict
 def checkpoint_manager(workdir: str, config):
     import orbax.checkpoint as ocp
     from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
-    policies = [pp.LatestN(int(config.get("keep_checkpoints", 3)))]
+    # at least the latest: no setting may delete the only checkpoint (validate refuses 0 as well)
+    policies = [pp.LatestN(max(1, int(config.get("keep_checkpoints", 3))))]
     if int(config.get("keep_best", 1)) > 0:
         policies.append(pp.BestN(get_metric_fn=lambda m: m["devtest_accuracy"], reverse=False,
                                  n=int(config.keep_best), keep_checkpoints_without_metrics=False))
@@ -289,12 +321,262 @@ def save_checkpoint(mngr, state, meta: dict, metrics: dict | None = None):
               metrics=metrics, force=True)
 
 
-def restore_checkpoint(mngr, abstract_state, step=None):
+def restore_checkpoint(mngr, abstract_state, step=None, *, repad: bool = False):
+    """-> ``(state, meta)`` of ``step`` (default: the latest) onto ``abstract_state``'s shapes and shardings.
+
+    ``mngr``: a CheckpointManager, or an Orbax ``Checkpointer`` with ``step`` the
+    checkpoint's folder. ``repad``: allow leaves whose stored shape differs
+    (zero-padded or truncated to the target): only for the head's padded class
+    axis, see :func:`check_checkpoint_matches`.
+    """
     import orbax.checkpoint as ocp
-    step = mngr.latest_step() if step is None else step
-    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                       meta=ocp.args.JsonRestore()))
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state, strict=not repad),
+                              meta=ocp.args.JsonRestore())
+    if isinstance(mngr, ocp.CheckpointManager):
+        out = mngr.restore(mngr.latest_step() if step is None else step, args=args)
+    else:
+        out = mngr.restore(step, args=args)
     return out["state"], out["meta"]
+
+
+class CheckpointMismatch(RunError):
+    """The workdir's checkpoints are of another model or dataset than this config (not damage)."""
+
+
+def _leaf_name(path) -> str:
+    return ".".join(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))) for k in path)
+
+
+def check_checkpoint_matches(step_dir, abstract_state, num_classes: int) -> bool:
+    """Compare a checkpoint's stored shapes with the model's; -> True when the head must be re-padded.
+
+    Only the head's class axis (padded to a multiple of the device count, see
+    :func:`padded_num_classes`) may differ, and only in its padding: both widths
+    must hold ``num_classes``. Raises CheckpointMismatch for anything else, and
+    whatever Orbax raises for an unreadable checkpoint.
+    """
+    import orbax.checkpoint as ocp
+    tree = ocp.StandardCheckpointHandler().metadata(step_dir / "state").tree
+    stored = {getattr(m, "name", None): tuple(m.shape) for m in jax.tree.leaves(tree) if hasattr(m, "shape")}
+    want = {_leaf_name(p): tuple(l.shape) for p, l in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+    missing, extra = sorted(set(want) - set(stored)), sorted(set(stored) - set(want))
+    if missing or extra:
+        raise CheckpointMismatch(
+            f"{step_dir} holds another model: {len(missing)} variable(s) of this config are not in it "
+            f"(e.g. {missing[:2]}), {len(extra)} of its are not in this config (e.g. {extra[:2]}); "
+            f"use a new workdir for a different model")
+    repad = False
+    for name, shape in want.items():
+        got = stored[name]
+        if got == shape:
+            continue
+        head_axis = ("head" in name.split(".") and len(got) == len(shape) and got[:-1] == shape[:-1]
+                     and min(got[-1], shape[-1]) >= num_classes)
+        if not head_axis:
+            raise CheckpointMismatch(f"{step_dir}: {name} has shape {got}, this config needs {shape}; use a new "
+                                     f"workdir for a different model")
+        repad = True
+    return repad
+
+
+# ----------------------------------------------------------------------------- run safety
+
+LOCK_FILE = ".ppfr_run.lock"
+DAMAGED_DIR = "damaged_checkpoints"
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+    """Hold ``<workdir>/.ppfr_run.lock`` exclusively for the whole run (process 0; local workdirs).
+
+    ``fcntl.flock`` on an open file: the kernel releases it when the process
+    ends, however it ends (SIGKILL, OOM kill, power loss of a container), so a
+    dead run never blocks the next one and there is no stale lock to remove.
+    The file records who holds it (pid, host, start time, command).
+
+    Raises:
+      RunError naming the other run when the workdir is in use.
+    """
+    if jax.process_index() != 0 or "://" in str(workdir):
+        # other processes of this run share process 0's lock; object stores (gs://) have no flock
+        yield
+        return
+    import fcntl
+    path = os.path.join(os.path.abspath(workdir), LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        try:
+            other = json.loads(os.pread(fd, 65536, 0).decode() or "{}")
+            who = (f"pid {other.get('pid')} on {other.get('host')}, started {other.get('started')}: "
+                   f"{' '.join(other.get('argv', []))[:200]}")
+        except (OSError, ValueError):
+            who = "unknown"
+        os.close(fd)
+        raise RunError(f"workdir {workdir} is in use by another run ({who}); one run per workdir at a time: wait "
+                       f"for it to finish, or use another --workdir (lock: {path})") from None
+    try:
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "argv": sys.argv}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+        os.close(fd)  # releases the lock; the file stays (removing it would race with a waiting run)
+
+
+def probe_write(folder) -> None:
+    """Create and remove a file and a folder in ``folder`` (what a checkpoint save starts with). Raises OSError."""
+    tag = f".write_probe-{socket.gethostname()}-{os.getpid()}-{jax.process_index()}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / tag).write_text("")
+    (folder / tag).unlink()
+    (folder / (tag + ".d")).mkdir()
+    (folder / (tag + ".d")).rmdir()
+
+
+def check_writable(folder) -> None:
+    """:func:`probe_write` before the first step. Raises RunError naming the folder."""
+    try:
+        probe_write(folder)
+    except OSError as e:
+        raise RunError(f"checkpoint folder {folder} is not writable ({e.strerror or e}); nothing was trained: "
+                       f"fix its permissions or space, or use another --workdir") from None
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+    """Steps of the checkpoint folders under ``<workdir>/checkpoints`` (any state), ascending."""
+    root = workdir_path(workdir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(int(d.name) for d in root.iterdir() if d.name.isdigit())
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300] if text else ''}"
+
+
+def restore_newest_intact(workdir: str, setup: Setup, num_classes: int, log=print):
+    """Restore the newest checkpoint that reads back whole and finite.
+
+    Every newer one that fails (missing items, unreadable or damaged files, bad
+    metadata, non-finite values) is skipped with its reason. A checkpoint of
+    another model (CheckpointMismatch) is not damage: it stops the run.
+
+    Returns:
+      ``(state, meta, step, skipped)``; ``state`` None when there is no
+      checkpoint at all; ``skipped`` [(step, reason)], newest first.
+    Raises:
+      RunError when checkpoints exist but none is intact (names them), CheckpointMismatch.
+    """
+    import orbax.checkpoint as ocp
+    steps = checkpoint_steps(workdir)
+    if not steps:
+        return None, None, 0, []
+    root = workdir_path(workdir) / "checkpoints"
+    skipped: list[tuple[int, str]] = []
+    ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())  # reads one folder; no manager bookkeeping
+    try:
+        for step in reversed(steps):
+            try:
+                repad = check_checkpoint_matches(root / str(step), setup.abstract_state, num_classes)
+                state, meta = restore_checkpoint(ckptr, setup.abstract_state, root / str(step), repad=repad)
+                if not isinstance(meta, dict) or int(meta.get("step", -1)) != step:
+                    raise ValueError(f"its metadata names step {meta.get('step') if isinstance(meta, dict) else meta}")
+                if int(meta.get("num_classes", num_classes)) != num_classes:
+                    raise CheckpointMismatch(f"{root / str(step)} was trained on {meta['num_classes']} classes, the "
+                                             f"data now has {num_classes}; use a new workdir for another dataset")
+                if int(jax.device_get(state.step)) != step:
+                    raise ValueError(f"its state is at step {int(jax.device_get(state.step))}")
+                if not bool(jax.device_get(jax.jit(all_finite)((state.params, state.opt_state, state.model_state)))):
+                    raise ValueError("non-finite values in its parameters or optimiser state")
+                return state, meta, step, skipped
+            except CheckpointMismatch:
+                raise
+            except Exception as e:  # noqa: BLE001  (Orbax / tensorstore / JSON: any failure means damage)
+                skipped.append((step, _short(e)))
+                log(f"checkpoint {root / str(step)} is unusable ({_short(e)}); trying the previous one")
+    finally:
+        ckptr.close()
+    raise RunError(f"no intact checkpoint under {root}: " + "; ".join(f"step {s}: {r}" for s, r in skipped)
+                   + ". Move or delete them to start afresh.")
+
+
+def quarantine(workdir: str, steps: list[int], log=print) -> None:
+    """Move damaged checkpoint folders out of Orbax's way to ``<workdir>/damaged_checkpoints`` (process 0)."""
+    if steps and jax.process_index() == 0:
+        root = workdir_path(workdir)
+        dest_root = root / DAMAGED_DIR
+        dest_root.mkdir(parents=True, exist_ok=True)
+        for s in steps:
+            src = root / "checkpoints" / str(s)
+            dest = dest_root / f"{s}-{time.strftime('%Y%m%d-%H%M%S')}"
+            n = 1
+            while dest.exists():
+                dest = dest_root / f"{s}-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
+                n += 1
+            try:
+                shutil.move(os.fspath(src), os.fspath(dest))
+            except OSError as e:
+                raise RunError(f"cannot move damaged checkpoint {src} aside ({e}); move or delete it") from None
+            log(f"moved damaged checkpoint {src} to {dest}")
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("ppfr_quarantine")
+
+
+def _finished_results(workdir: str, config, step: int, setup: Setup, state, mesh) -> dict:
+    """A finished run run again: its recorded results (re-evaluated only if they were never written)."""
+    f = workdir_path(workdir) / "results.json"
+    rec = None
+    if f.exists():
+        try:
+            rec = json.loads(f.read_text())
+        except ValueError:
+            rec = None
+    wants_eval = bool(config.eval.get("pairs"))
+    if isinstance(rec, dict) and rec.get("steps") == step and (rec.get("devtest_accuracy") is not None
+                                                                or not wants_eval):
+        if jax.process_index() == 0:
+            acc = rec.get("devtest_accuracy")
+            what = (f"DevTest verification accuracy {100 * acc:.2f}% ± {100 * (rec.get('devtest_std') or 0):.2f}"
+                    if acc is not None else "no verification set")
+            print(f"run in {workdir} already finished at step {step} (num_train_steps {setup.num_steps}): {what} "
+                  f"(from {f}); nothing was changed", flush=True)
+        return rec
+    # the final checkpoint exists but its results were never recorded (killed while writing them)
+    eval_data = eval_source(config)
+    last_eval = {}
+    if eval_data is not None:
+        last_eval = run_verification(make_embed_fn(setup.task, mesh), _variables(state), eval_data[0], eval_data[1],
+                                     mesh, config.eval.batch_size)
+    results = _results(config, step, 0.0, last_eval, setup, mesh)
+    if jax.process_index() == 0:
+        f.write_text(json.dumps(results, indent=1, default=str))
+        print(f"run in {workdir} already finished at step {step}; its results were missing and are now recorded "
+              f"in {f}" + (f": DevTest verification accuracy {100 * last_eval['accuracy']:.2f}%" if last_eval else ""),
+              flush=True)
+    return results
+
+
+def _results(config, step, wall_s, last_eval, setup: Setup, mesh) -> dict:
+    return {
+        "config": config.to_dict(),
+        "task": config.task,
+        "steps": step,
+        "wall_s": wall_s,
+        "devtest_accuracy": last_eval.get("accuracy"),
+        "devtest_std": last_eval.get("std"),
+        "devtest_threshold": last_eval.get("threshold"),
+        "num_classes": setup.num_classes,
+        "global_batch": setup.global_batch,
+        "devices": mesh.size,
+        "backend": jax.default_backend(),
+    }
 
 
 # ----------------------------------------------------------------------------- main loop
@@ -425,29 +707,60 @@ def load_for_inference(workdir: str, step: int | None = None):
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Train (resuming from ``workdir`` if it holds a checkpoint), evaluate, write results.json."""
-    from clu import metric_writers, periodic_actions
+    """Train (resuming from ``workdir`` if it holds a checkpoint), evaluate, write results.json.
 
+    Raises:
+      config_lib.ConfigError: a bad config value (before anything is written).
+      RunError: the workdir is in use by another run, its checkpoint folder is not
+        writable, a save failed, or no checkpoint is intact (each names the path).
+      NonFiniteLossError: an update was non-finite (not applied, not saved).
+    """
     maybe_initialize_distributed()
     config_lib.validate(config, jax.device_count())
     workdir_path(workdir).mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:  # so an unfinished run can still be loaded (load_for_inference)
-        (workdir_path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=1))
+    with workdir_lock(workdir):
+        return _train_locked(config, workdir)
+
+
+def _reposition(batches, config, gb: int, step: int):
+    """The training iterator at ``step`` (after a fallback to an older checkpoint)."""
+    if hasattr(batches, "step") and getattr(batches, "_it", None) is None:  # a TrainIterator not yet started
+        batches.step = int(step)
+        return batches
+    return train_source(config, gb, step)[0]
+
+
+def _train_locked(config, workdir: str) -> dict:
+    from clu import metric_writers, periodic_actions
+
     t_start = time.time()
     mesh = create_mesh(config)
     gb = global_batch_size(config, mesh)
+    ckdir = workdir_path(workdir) / "checkpoints"
 
     # data first: the number of classes and the epoch size come from it
-    mngr = checkpoint_manager(workdir, config)
-    resume_step = mngr.latest_step() or 0
-    batches, num_classes, dataset_size = train_source(config, gb, resume_step)
+    candidates = checkpoint_steps(workdir)
+    batches, num_classes, dataset_size = train_source(config, gb, candidates[-1] if candidates else 0)
     setup = build(config, num_classes, dataset_size, mesh)
     rng = jax.random.key(config.seed)
-    if resume_step:
-        state, meta = restore_checkpoint(mngr, setup.abstract_state)
-        logging.info("resumed from %s at step %d", workdir, resume_step)
-    else:
+    log = (lambda m: print(m, flush=True)) if jax.process_index() == 0 else (lambda m: None)
+    state, _, resume_step, skipped = restore_newest_intact(workdir, setup, num_classes, log)
+    if skipped:
+        quarantine(workdir, [s for s, _ in skipped], log)
+        log(f"resuming from step {resume_step} ({ckdir / str(resume_step)}); skipped damaged checkpoint(s): "
+            + "; ".join(f"step {s} ({r})" for s, r in skipped))
+    if state is not None and resume_step >= setup.num_steps:
+        return _finished_results(workdir, config, resume_step, setup, state, mesh)
+    if resume_step != (candidates[-1] if candidates else 0):
+        batches = _reposition(batches, config, gb, resume_step)
+    check_writable(ckdir)
+    if jax.process_index() == 0:  # so an unfinished run can still be loaded (load_for_inference)
+        (workdir_path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=1))
+    if state is None:
         state = init_state(setup, jax.random.fold_in(rng, 0))
+    else:
+        logging.info("resumed from %s at step %d", workdir, resume_step)
+    mngr = checkpoint_manager(workdir, config)
     step_fn = compile_train_step(setup)
     embed_fn = make_embed_fn(setup.task, mesh)
     eval_data = eval_source(config)
@@ -466,7 +779,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     meta_fn = lambda s: {"step": s, "data_position": s * gb, "global_batch": gb, "num_classes": num_classes}
     last_eval: dict = {}
     pending: list = []
+    saving: list[int] = []  # steps whose (asynchronous) save may still fail
     step = int(jax.device_get(state.step))
+
+    def save_failed(e: BaseException) -> RunError:
+        where = ckdir / str(saving[-1]) if saving else ckdir
+        return RunError(f"saving the checkpoint {where} failed ({_short(e)}); the run stops here, at step {step}: "
+                        f"the checkpoints before it are intact. Check the folder's permissions and free space.")
+
+    failed = False
     try:
         while step < setup.num_steps:
             local = next(batches)
@@ -474,6 +795,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             state, metrics = step_fn(state, batch, step_rng)
             step += 1
             pending.append(metrics)
+            try:
+                mngr.check_for_errors()  # a background save that failed stops the run now, not minutes later
+            except Exception as e:  # noqa: BLE001
+                raise save_failed(e) from None
             for h in hooks:
                 h(step)
             is_last = step == setup.num_steps
@@ -496,26 +821,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                           f"± {100 * r['std']:.2f}", flush=True)
             if step % config.checkpoint_every_steps == 0 or is_last:
                 _check_finite(state, workdir)
-                save_checkpoint(mngr, state, meta_fn(step),
-                                {"devtest_accuracy": last_eval["accuracy"]} if do_eval else None)
+                try:
+                    mngr.wait_until_finished()  # the previous save: its failure surfaces before a new one starts
+                    saving.append(step)
+                    # Orbax creates the step folder in a background thread; if that fails, its other threads wait
+                    # 300 s for it (and hold the interpreter at exit): find an unwritable folder here instead
+                    probe_write(ckdir)
+                    save_checkpoint(mngr, state, meta_fn(step),
+                                    {"devtest_accuracy": last_eval["accuracy"]} if do_eval else None)
+                except Exception as e:  # noqa: BLE001
+                    raise save_failed(e) from None
+    except BaseException:
+        failed = True
+        raise
     finally:
-        mngr.wait_until_finished()
-        mngr.close()
-        writer.flush()
+        try:
+            mngr.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            if not failed:
+                raise save_failed(e) from None
+        finally:
+            with contextlib.suppress(Exception) if failed else contextlib.nullcontext():
+                mngr.close()
+            writer.flush()
 
-    results = {
-        "config": config.to_dict(),
-        "task": config.task,
-        "steps": step,
-        "wall_s": time.time() - t_start,
-        "devtest_accuracy": last_eval.get("accuracy"),
-        "devtest_std": last_eval.get("std"),
-        "devtest_threshold": last_eval.get("threshold"),
-        "num_classes": num_classes,
-        "global_batch": gb,
-        "devices": mesh.size,
-        "backend": jax.default_backend(),
-    }
+    results = _results(config, step, time.time() - t_start, last_eval, setup, mesh)
     if jax.process_index() == 0:
         (workdir_path(workdir) / "results.json").write_text(json.dumps(results, indent=1, default=str))
     return results
@@ -525,8 +855,8 @@ def _check_finite(state: TrainState, workdir: str):
     bad = int(jax.device_get(state.bad_step))
     if bad >= 0:
         raise NonFiniteLossError(
-            f"non-finite loss or gradients at step {bad + 1} (0-based update {bad}); the update was not applied "
-            f"and checkpoints in {workdir}/checkpoints hold only finite states. Lower optim.lr, enable "
+            f"non-finite loss, gradients or updated state at step {bad + 1} (0-based update {bad}); the update was "
+            f"not applied and checkpoints in {workdir}/checkpoints hold only finite states. Lower optim.lr, enable "
             f"optim.grad_clip_norm, or check the data.")
 
 

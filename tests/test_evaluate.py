@@ -341,3 +341,12 @@ def test_casia_mobilefacenet_on_lfw_pairs(shared_dir):
     res = ev.evaluate_set(rec, vs, batch_size=128, flip="concat")
     print(f"LFW pairs.txt: {100 * res['accuracy_mean']:.2f}% +- {100 * res['accuracy_std']:.2f}")
     assert res["accuracy_mean"] >= 0.980, res["accuracy"]
+
+
+@pytest.mark.parametrize("issame", [[2, 0], [0.5], [[True], [False]], ["yes"], None])
+def test_bin_pair_flags_must_be_booleans(tmp_path, issame):
+    p = tmp_path / "flags.bin"
+    with open(p, "wb") as f:
+        pickle.dump(([b"a", b"b", b"c", b"d"], issame), f, protocol=2)
+    with pytest.raises(ev.BadInputError, match=r"flags\.bin: issame must be a flat list of booleans"):
+        ev.load_bin(p)

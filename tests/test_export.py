@@ -175,7 +175,7 @@ def _verify(spec, a, b, capsys, *extra):
 def test_minusface_protect_verify_round_trip(mf, faces, tmp_path, capsys):
     out = tmp_path / "protected"
     assert deploy.protect_main(["--method", "minusface", "--config", MF_SPEC, "--untrained",
-                                "--images", str(faces), "--out", str(out)]) == 0
+                                "--images", str(faces), "--out", str(out), "--keep-names"]) == 0
     assert "3 protected file(s)" in capsys.readouterr().out
     assert sorted(os.listdir(out)) == sorted(f"{n}{e}" for n in ("alice_1", "bob_1", "alice_copy")
                                              for e in (".npz", ".xp.png"))
@@ -205,7 +205,7 @@ def test_minusface_protect_verify_round_trip(mf, faces, tmp_path, capsys):
 def test_duetface_protect_verify_round_trip(df, faces, tmp_path, capsys):
     out = tmp_path / "protected"
     assert deploy.protect_main(["--config", DF_SPEC, "--untrained", "--images", str(faces / "alice_1.png"),
-                                str(faces / "bob_1.png"), "--out", str(out)]) == 0
+                                str(faces / "bob_1.png"), "--out", str(out), "--keep-names"]) == 0
     assert sorted(os.listdir(out)) == ["alice_1.npz", "bob_1.npz"]
     with np.load(out / "alice_1.npz") as z:
         assert sorted(z.files) == ["attention_mask_0", "attention_mask_1", "attention_mask_2", "attention_mask_3",
@@ -233,7 +233,7 @@ def test_threshold_from_results_json(tmp_path):
 def test_bad_inputs_name_the_file(mf, faces, tmp_path, capsys):
     good = tmp_path / "p"
     assert deploy.protect_main(["--config", MF_SPEC, "--untrained", "--images", str(faces / "alice_1.png"),
-                                "--out", str(good), "--no-preview"]) == 0
+                                "--out", str(good), "--no-preview", "--keep-names"]) == 0
     assert os.listdir(good) == ["alice_1.npz"]
     capsys.readouterr()
     ok = str(good / "alice_1.npz")
@@ -254,7 +254,7 @@ def test_bad_inputs_name_the_file(mf, faces, tmp_path, capsys):
     assert "junk.jpg: cannot decode image" in protect_err("--images", str(tmp_path / "junk.jpg"))
     (tmp_path / "dup").mkdir()
     Image.new("RGB", (112, 112)).save(tmp_path / "dup" / "alice_1.png")
-    assert "alice_1.npz" in protect_err("--images", str(faces / "alice_1.png"), str(tmp_path / "dup"))
+    assert "alice_1.npz" in protect_err("--images", str(faces / "alice_1.png"), str(tmp_path / "dup"), "--keep-names")
     assert deploy.protect_main(["--untrained", "--images", str(faces), "--out", str(tmp_path / "x")]) == 2
     assert "--untrained needs --config" in capsys.readouterr().err
 
@@ -277,6 +277,109 @@ def test_bad_inputs_name_the_file(mf, faces, tmp_path, capsys):
         deploy.load_deployment(config=minusface_config.get_config("stage1,tiny"), untrained=True)
     with pytest.raises(deploy.DeployError, match="no_run"):
         deploy.load_deployment(str(tmp_path / "no_run"))
+
+
+# ----------------------------------------------------------------------------- what leaves the client
+
+
+def test_protected_names_carry_nothing_of_the_input_name(mf, faces, tmp_path, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    for f in ("alice_1.png", "bob_1.png"):
+        (src / f"Jane_Doe_{f}").write_bytes((faces / f).read_bytes())
+    out = tmp_path / "out"
+    assert deploy.protect_main(["--config", MF_SPEC, "--untrained", "--images", str(src), "--out", str(out)]) == 0
+    msg = capsys.readouterr().out
+    names = sorted(os.listdir(out))
+    assert len(names) == 4 and not any(w in n for n in names for w in ("Jane", "Doe", "alice", "bob", "_1"))
+    stems = {n.split(".")[0] for n in names}
+    assert len(stems) == 2 and all(len(s) == 16 and int(s, 16) >= 0 for s in stems)
+    # the mapping stays on the client: beside --out, never inside it
+    manifest = tmp_path / "out.manifest.json"
+    assert str(manifest) in msg and "names the people" in msg
+    m = json.loads(manifest.read_text())["files"]
+    assert sorted(m) == sorted(f"{s}.npz" for s in stems)
+    assert sorted(os.path.basename(v) for v in m.values()) == ["Jane_Doe_alice_1.png", "Jane_Doe_bob_1.png"]
+    for n in names:
+        with open(out / n, "rb") as f:
+            assert b"Jane" not in f.read()
+    # a second run adds files and entries, never replaces any
+    before = {n: (out / n).read_bytes() for n in names}
+    assert deploy.protect_main(["--config", MF_SPEC, "--untrained", "--images", str(src), "--out", str(out),
+                                "--no-preview"]) == 0
+    after = sorted(os.listdir(out))
+    assert len(after) == 6 and all((out / n).read_bytes() == b for n, b in before.items())
+    assert len(json.loads(manifest.read_text())["files"]) == 4
+    # the manifest may not be put where it would travel with the files
+    assert deploy.protect_main(["--config", MF_SPEC, "--untrained", "--images", str(src), "--out", str(out),
+                                "--manifest", str(out / "m.json")]) == 2
+    assert "inside --out" in capsys.readouterr().err
+    # opting in to input names says so in the help
+    help_text = deploy_help()
+    assert "--keep-names" in help_text and "travels with the protected file" in help_text
+
+
+def deploy_help():
+    import contextlib
+    import io
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), pytest.raises(SystemExit):
+        deploy.protect_main(["--help"])
+    return " ".join(buf.getvalue().split())
+
+
+def test_existing_files_are_never_overwritten(mf, faces, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["--config", MF_SPEC, "--untrained", "--images", str(faces / "alice_1.png"), "--out", str(out),
+            "--keep-names"]
+    assert deploy.protect_main(args) == 0
+    first = {n: (out / n).read_bytes() for n in os.listdir(out)}
+    capsys.readouterr()
+    assert deploy.protect_main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ppfr-protect: error: ") and "already exists" in err[0]
+    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == first
+    # a foreign file where the manifest would go is not replaced either
+    (tmp_path / "o2.manifest.json").write_text("my notes")
+    assert deploy.protect_main(["--config", MF_SPEC, "--untrained", "--images", str(faces / "alice_1.png"),
+                                "--out", str(tmp_path / "o2")]) == 2
+    assert "not a ppfr-protect manifest" in capsys.readouterr().err
+    assert (tmp_path / "o2.manifest.json").read_text() == "my notes"
+
+
+@pytest.mark.parametrize("case", ["oversized", "huge_header", "out_is_file", "batch_size", "seed", "empty_out"])
+def test_every_bad_input_is_one_line(mf, faces, tmp_path, capsys, case):
+    from test_image_io import _png_claiming
+    args = ["--config", MF_SPEC, "--untrained", "--images", str(faces / "alice_1.png"), "--out", str(tmp_path / "o")]
+    if case == "oversized":
+        Image.new("RGB", (4000, 3000)).save(tmp_path / "big.png")
+        args[4] = str(tmp_path / "big.png")
+        want = "big.png: image is 4000x3000 (WxH), expected 112x112"
+    elif case == "huge_header":
+        (tmp_path / "bomb.png").write_bytes(_png_claiming(60000, 60000))
+        args[4] = str(tmp_path / "bomb.png")
+        want = "bomb.png: image"
+    elif case == "out_is_file":
+        (tmp_path / "o").write_text("x")
+        want = "is not a folder"
+    elif case == "batch_size":
+        args += ["--batch-size", "0"]
+        want = "argument --batch-size: expected an integer >= 1, got 0"
+    elif case == "seed":
+        args += ["--seed", "-3"]
+        want = "argument --seed: expected an integer >= 0, got -3"
+    else:
+        args[-1] = ""
+        want = "--out: empty path"
+    try:
+        rc = deploy.protect_main(args)
+    except SystemExit as e:  # argparse's own errors: usage line + "prog: error: ..."
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = [ln for ln in err.strip().splitlines() if not ln.startswith("usage:") and not ln.startswith(" ")]
+    assert len(lines) == 1 and lines[0].startswith("ppfr-protect: error: ") and want in lines[0], err
+    assert "Traceback" not in err
 
 
 # ----------------------------------------------------------------------------- trained runs (engine workdirs)
@@ -316,7 +419,7 @@ def test_workdir_export_protect_verify(method, faces, tmp_path, capsys):
 
     out = tmp_path / "protected"
     assert deploy.protect_main(["--method", method, "--workdir", second, "--images", str(faces),
-                                "--out", str(out)]) == 0
+                                "--out", str(out), "--keep-names"]) == 0
     rc = deploy.verify_main(["--workdir", second, str(out / "alice_1.npz"), str(out / "bob_1.npz"), "--json"])
     assert rc == 0
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -325,7 +428,7 @@ def test_workdir_export_protect_verify(method, faces, tmp_path, capsys):
     other = tmp_path / "other"
     spec = MF_SPEC if method == "minusface" else DF_SPEC
     assert deploy.protect_main(["--config", spec, "--untrained", "--images", str(faces / "bob_1.png"),
-                                "--out", str(other)]) == 0
+                                "--out", str(other), "--keep-names"]) == 0
     assert deploy.verify_main(["--workdir", second, str(out / "alice_1.npz"), str(other / "bob_1.npz")]) == 2
     assert "made by a different client" in capsys.readouterr().err
 
@@ -334,6 +437,6 @@ def test_workdir_export_protect_verify(method, faces, tmp_path, capsys):
         onnx_path = str(tmp_path / "client.onnx")
         assert export.main(["--workdir", second, "--out", onnx_path]) == 0
         assert deploy.protect_main(["--workdir", second, "--onnx", onnx_path, "--images", str(faces / "bob_1.png"),
-                                    "--out", str(tmp_path / "via_onnx")]) == 0
+                                    "--out", str(tmp_path / "via_onnx"), "--keep-names"]) == 0
         assert deploy.verify_main(["--workdir", second, str(out / "alice_1.npz"),
                                    str(tmp_path / "via_onnx" / "bob_1.npz")]) == 0

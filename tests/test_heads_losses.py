@@ -113,3 +113,85 @@ def test_minus_loss_and_pieces(lg):
     with pytest.raises(ValueError, match="bogus"):
         losses.minus_loss(nhwc(lg["x"]), nhwc(lg["x_encode"]), nhwc(lg["latent"]), jnp.asarray(lg["logits"]),
                           jnp.asarray(lg["labels"]), weights={"bogus": 1.0})
+
+
+# ----------------------------------------------------------------------------- boundaries (cos theta = +-1)
+
+def _collinear_case(sign):
+    """Embeddings whose target class centre is (a scaled copy of) themselves (cos = +-1 exactly in
+    float32) or its opposite, plus one ordinary sample."""
+    emb = jax.random.normal(jax.random.key(1), (3, 16))
+    kernel = jax.random.normal(jax.random.key(0), (16, 5)) * 0.01
+    kernel = kernel.at[:, 1].set(sign * emb[0] * 0.3).at[:, 2].set(sign * emb[1] * 2.0)
+    return emb, kernel, jnp.array([1, 2, 4])
+
+
+HEAD_SETTINGS = [
+    ("arcface", {}), ("arcface", {"margin": 0.0}), ("arcface", {"margin": 0.3}), ("arcface", {"margin": 1.2}),
+    ("arcface", {"easy_margin": True}), ("cosface", {}), ("cosface", {"margin": 0.0}),
+    ("curricularface", {}), ("curricularface", {"margin": 0.3}),
+]
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+@pytest.mark.parametrize("kind,kw", HEAD_SETTINGS)
+def test_margin_heads_finite_gradients_at_cos_plus_minus_one(kind, kw, sign):
+    emb, kernel, labels = _collinear_case(sign)
+    cos = heads.cosine_logits(emb, kernel)[jnp.arange(3), labels]
+    assert np.all(np.abs(np.asarray(cos[:2])) == 1.0), cos  # really on the boundary
+    head = heads.MarginHead(num_classes=5, kind=kind, **kw)
+    v = head.init(jax.random.key(2), emb, labels)
+    extra = {c: x for c, x in v.items() if c != "params"}
+
+    def loss_fn(e, k):
+        (out, _), _ = head.apply({"params": {"kernel": k}, **extra}, e, labels, mutable=["head_state"])
+        return losses.softmax_cross_entropy(out, labels)
+
+    loss, (ge, gk) = jax.value_and_grad(loss_fn, argnums=(0, 1))(emb, kernel)
+    assert np.isfinite(float(loss))
+    assert np.isfinite(np.asarray(ge)).all() and np.isfinite(np.asarray(gk)).all()
+
+
+@pytest.mark.parametrize("fn", ["arcface", "curricularface"])
+def test_margin_gradient_is_bounded_and_exact_inside(fn):
+    # d cos(theta + m) / d cos(theta) = cos m + sin m * cos / sin: exact away from +-1, bounded at +-1
+    m = 0.5
+    c = jnp.array([[0.3, 0.0], [0.999, 0.0], [1.0, 0.0], [-1.0, 0.0]], jnp.float32)
+    y = jnp.zeros((4,), jnp.int32)
+    if fn == "arcface":
+        f = lambda c: heads.arcface_margin(c, y, 1.0, m, easy_margin=True)[0][:, 0].sum()
+    else:
+        f = lambda c: heads.curricular_margin(c, y, jnp.zeros((1,)), 1.0, m)[0][:, 0].sum()
+    g = np.asarray(jax.grad(f)(c))[:, 0]
+    for i, x in enumerate((0.3, 0.999)):
+        want = np.cos(m) + np.sin(m) * x / np.sqrt(1 - x * x)
+        np.testing.assert_allclose(g[i], want, rtol=1e-3)
+    assert np.isfinite(g).all() and np.abs(g).max() < 1e4
+
+
+def test_class_sharded_head_finite_gradients_at_the_boundary():
+    # the engine's layout: kernel columns sharded over all 8 (fake) devices, batch over the data axis
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    mesh = Mesh(np.asarray(jax.devices()).reshape(4, 2), ("data", "model"))
+    emb = jax.random.normal(jax.random.key(1), (8, 16))
+    labels = jnp.arange(8) * 3 % 13
+    kernel = jax.random.normal(jax.random.key(0), (16, 16)) * 0.01
+    kernel = kernel.at[:, labels[0]].set(emb[0]).at[:, labels[1]].set(-emb[1] * 4)
+    for kind in ("arcface", "curricularface", "cosface"):
+        head = heads.MarginHead(num_classes=13, padded_classes=16, kind=kind)
+        v = head.init(jax.random.key(2), emb, labels)
+        extra = {c: x for c, x in v.items() if c != "params"}
+        k_sh = jax.device_put(kernel, NamedSharding(mesh, P(None, ("data", "model"))))
+        e_sh = jax.device_put(emb, NamedSharding(mesh, P("data")))
+
+        @jax.jit
+        def grads(e, k):
+            def loss_fn(e, k):
+                (out, _), _ = head.apply({"params": {"kernel": k}, **extra}, e, labels, train=True,
+                                         rngs={"sample": jax.random.key(0)}, mutable=["head_state"])
+                return losses.softmax_cross_entropy(out, labels)
+            return jax.value_and_grad(loss_fn, argnums=(0, 1))(e, k)
+
+        loss, (ge, gk) = grads(e_sh, k_sh)
+        assert len(gk.sharding.device_set) == 8
+        assert np.isfinite(float(loss)) and np.isfinite(np.asarray(ge)).all() and np.isfinite(np.asarray(gk)).all(), kind

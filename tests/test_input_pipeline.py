@@ -238,7 +238,7 @@ def test_corrupt_jpeg_names_the_file(folder):
     step = next(s for s in range(3) if src.files.index(str(bad)) in it.batch_indices(s))
     for _ in range(step):
         next(it)
-    with pytest.raises(ip.BadRecordError, match=rf"step {step}:\n.*bob/2.jpg: cannot decode"):
+    with pytest.raises(ip.BadRecordError, match=rf"step {step}:\n.*bob/2.jpg: field 'image': cannot decode"):
         next(it)
     # opt-in skip: full batches continue, the bad file is counted once
     it = _it(src, seed=0, skip_bad=True)
@@ -255,14 +255,14 @@ def test_corrupt_jpeg_inside_a_record(folder, tmp_path):
     bad.write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 60)
     out = ip.image_folder_to_tface(root, tmp_path / "r2", "TFR-b", skip_bad=True)
     assert out["skipped"] == "1" and out["count"] == "14"
-    with pytest.raises(ip.BadRecordError, match="alice/0.jpg: cannot decode"):
+    with pytest.raises(ip.BadRecordError, match="alice/0.jpg: field 'image': cannot decode"):
         ip.image_folder_to_tface(root, tmp_path / "r3", "TFR-c")
     # a record written with a bad image anyway is named by shard, offset and index line
     recs = [("a", b"\xff\xd8junk", 0, None)] + [(f"k{i}", _jpeg(np.random.default_rng(i)), 0, None) for i in range(5)]
     w = ip.write_tface_records(recs, tmp_path / "r4", "TFR-d")
     src = ip.tface_source(w["index"])
     it = _it(src, seed=0, shuffle=False)
-    with pytest.raises(ip.BadRecordError, match=r"TFR-d-00000.tfrecord offset 0 \(.*TFR-d.txt line 1\): cannot decode"):
+    with pytest.raises(ip.BadRecordError, match=r"TFR-d-00000.tfrecord offset 0 \(.*TFR-d.txt line 1\): field 'image': cannot decode"):
         next(it)
 
 
@@ -340,3 +340,86 @@ def test_tfds_source(tmp_path):
     assert it.num_classes == 4 and it.dataset_size == 24 and a[0]["image"].shape == (4, S, S, 3)
     r = ip.TfdsIterator("ppfr_tiny/c", "train", seed=1, start_step=2, **kw)
     np.testing.assert_array_equal(next(r)["image"], a[2]["image"])
+
+
+# ----------------------------------------------------------------------------- honest inputs: every field checked
+
+
+def _flip_payload_byte(records, line_no):
+    """Flip one bit inside the JPEG of the record of index line ``line_no`` (framing left intact)."""
+    f = open(records["index"]).read().splitlines()[line_no - 1].split("\t")
+    shard = os.path.join(records["dir"], f"{f[0]}-{int(f[1]):05d}.tfrecord")
+    off = int(f[2])
+    data = bytearray(open(shard, "rb").read())
+    pos = data.index(b"\xff\xda", off) + 40  # inside the entropy-coded data
+    data[pos] ^= 0x10
+    open(shard, "wb").write(bytes(data))
+    return shard, off
+
+
+def test_payload_crc_is_checked_in_verify_and_training(records, capsys):
+    shard, off = _flip_payload_byte(records, 2)
+    # TensorFlow's own reader refuses the shard: so must we, naming the record
+    with pytest.raises(tf.errors.DataLossError):
+        for _ in tf.data.TFRecordDataset(shard):
+            pass
+    src = ip.tface_source(records["index"])  # listing reads headers only
+    problem = src.check(1)
+    assert f"offset {off}" in problem and "line 2" in problem and "data CRC mismatch" in problem
+    assert [i for i in range(len(src)) if src.check(i)] == [1]
+    with pytest.raises(ip.BadRecordError, match=rf"offset {off}.*line 2"):
+        src.read_bytes(1)
+    it = _it(src, seed=0, shuffle=False, flip=False)
+    with pytest.raises(ip.BadRecordError, match=rf"step 0:\n.*offset {off} \(.*line 2\): .*data CRC mismatch"):
+        next(it)
+    assert ip.main(["verify", "--index", records["index"]]) == 1
+    out = capsys.readouterr().out
+    assert "1 bad records" in out and f"first: {shard} offset {off}" in out
+
+
+def test_crc32c_is_tensorflows(records):
+    # the framing CRCs TensorFlow wrote are the ones we compute (google-crc32c)
+    f = open(records["index"]).read().splitlines()[0].split("\t")
+    shard = os.path.join(records["dir"], f"{f[0]}-{int(f[1]):05d}.tfrecord")
+    raw = open(shard, "rb").read()
+    (length,) = np.frombuffer(raw[:8], "<u8")
+    payload = raw[12:12 + int(length)]
+    assert ip.masked_crc32c(raw[:8]) == int(np.frombuffer(raw[8:12], "<u4")[0])
+    assert ip.masked_crc32c(payload) == int(np.frombuffer(raw[12 + int(length):16 + int(length)], "<u4")[0])
+
+
+@pytest.mark.parametrize("label,msg", [("-1", "field 'label': must be in"), (str(2 ** 31), "field 'label': must be in"),
+                                       ("3.5", "invalid literal"), ("x", "invalid literal")])
+def test_index_labels_are_checked(records, label, msg):
+    lines = open(records["index"]).read().splitlines()
+    f = lines[4].split("\t")
+    lines[4] = "\t".join(f[:3] + [label])
+    open(records["index"], "w").write("\n".join(lines) + "\n")
+    with pytest.raises(ip.BadRecordError, match=rf"TFR-tiny.txt line 5: {msg}"):
+        ip.tface_source(records["index"])
+
+
+def test_bad_landmarks_are_named(folder, tmp_path):
+    root, lm_path = folder
+    with np.load(lm_path) as z:
+        paths, lms = z["paths"], z["landmarks"].copy()
+    lms[2, 1, 0] = np.nan
+    lms[7, 0, 1] = 40.0  # pixels, not normalised
+    np.savez(tmp_path / "bad_lm.npz", paths=paths, landmarks=lms)
+    with pytest.raises(ip.BadRecordError, match=r"alice/2.jpg: landmarks \(row 7 .*\): values in \[0.1\d*, 40\]"):
+        ip.image_folder_source(root, landmarks=tmp_path / "bad_lm.npz")
+    src = ip.image_folder_source(root, landmarks=tmp_path / "bad_lm.npz", skip_bad=True)
+    assert len(src) == 13 and any("carol/2.jpg: landmarks (row 2" in p and "non-finite" in p for p in src.problems)
+    # the same values written into records: verify and training name the record and the field
+    recs = [(str(p), (root / str(p)).read_bytes(), 0, lm) for p, lm in zip(paths, lms)]
+    out = ip.write_tface_records(recs, tmp_path / "r", "TFR-lm")
+    src = ip.tface_source(out["index"])
+    assert "line 3): field 'landmarks': non-finite values" in src.check(2)
+    assert "field 'landmarks': values in" in src.check(7)
+    it = _it(src, seed=0, shuffle=False, flip=False, with_landmarks=True)
+    with pytest.raises(ip.BadRecordError, match=r"step 0:\n.*line 3\): field 'landmarks': non-finite"):
+        next(it)
+    it = _it(src, seed=0, shuffle=False, flip=False, with_landmarks=True, skip_bad=True)
+    b = _take(it, 3)
+    assert all(np.isfinite(x["landmarks"]).all() and np.abs(x["landmarks"]).max() <= 2 for x in b)
+    assert len(it.skipped) == 2

@@ -196,7 +196,7 @@ _TSV_DTYPE = {"torch.FloatStorage": np.float32, "torch.LongStorage": np.int64}
 
 def test_real_legacy_checkpoint_loads_exactly(shared_dir):
     path = shared_dir / CASIA
-    obj, end = tp._load_legacy(str(path), return_end=True)
+    obj, end = tp._load_legacy(str(path), tp._Budget(str(path), path.stat().st_size), return_end=True)
     assert end == path.stat().st_size  # every storage byte consumed, nothing left over
     assert set(obj) == {"epoch", "net_state_dict"} and obj["epoch"] == 68
     sd = obj["net_state_dict"]

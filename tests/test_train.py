@@ -280,3 +280,277 @@ def test_two_processes_agree_with_one(tmp_path):
     a, b = _params(one), _params(two)
     # 2 processes x 1 device vs 1 process x 2 devices: the same global computation
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
+
+
+# ----------------------------------------------------------------------------- training-state safety
+
+
+def test_update_that_overflows_the_parameters_is_not_applied():
+    # loss and gradients are finite at step 0; lr * grad overflows float32: the new state is non-finite
+    c = tiny_config(**{"optim.lr": 3e38, "optim.warmup_epochs": 0.0})
+    mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+    setup = train.build(c, c.data.num_classes, 1000, mesh)
+    state = train.init_state(setup, jax.random.key(0))
+    before = jax.device_get(state)
+    step = train.compile_train_step(setup)
+    src = train.synthetic_batches(c, setup.global_batch, 0, c.data.num_classes)
+    state, m = step(state, train.make_global_batch(next(src), mesh), jax.random.key(1))
+    assert np.isfinite(float(m["loss"])) and np.isfinite(float(m["grad_norm"]))  # only the new state is bad
+    assert int(state.bad_step) == 0
+    after = jax.device_get(state)
+    for name in ("params", "opt_state", "model_state"):
+        jax.tree.map(np.testing.assert_array_equal, getattr(after, name), getattr(before, name))
+    with pytest.raises(train.NonFiniteLossError, match="updated state at step 1"):
+        train._check_finite(state, "wd")
+
+
+@pytest.fixture(scope="module")
+def small_pairs(tmp_path_factory):
+    """20 DevTest pairs of the demo set as a .bin (verification in seconds)."""
+    from ppfr_jax import evaluate
+    from ppfr_jax.demo_data import demo_paths
+    images, same = evaluate.load_bin(demo_paths()["eval_bin"])
+    path = tmp_path_factory.mktemp("pairs") / "small.bin"
+    evaluate.save_bin(path, images[:40], same[:20])
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory, small_pairs):
+    """A finished 4-step run with a checkpoint at every step and a recorded DevTest accuracy."""
+    wd = str(tmp_path_factory.mktemp("base") / "run")
+    c = tiny_config(checkpoint_every_steps=1, keep_checkpoints=10, **{"eval.pairs": small_pairs})
+    train.train_and_evaluate(c, wd)
+    return wd, c
+
+
+def _copy(base, tmp_path, name="run"):
+    import shutil
+    dst = str(tmp_path / name)
+    shutil.copytree(base, dst)
+    return dst
+
+
+def _corrupt(wd, how):
+    import shutil
+    d = os.path.join(wd, "checkpoints", "4")
+    if how == "state_removed":
+        shutil.rmtree(os.path.join(d, "state"))
+    elif how == "meta_removed":
+        shutil.rmtree(os.path.join(d, "meta"))
+    elif how == "metadata_garbage":
+        open(os.path.join(d, "state", "_METADATA"), "w").write("{not json")
+    elif how == "data_truncated":
+        for root, _, files in os.walk(os.path.join(d, "state")):
+            for f in files:
+                p = os.path.join(root, f)
+                if os.path.getsize(p) > 1000:
+                    open(p, "r+b").truncate(os.path.getsize(p) // 2)
+    elif how == "empty_newer_dir":
+        os.makedirs(os.path.join(wd, "checkpoints", "99"))
+        return 99
+    return 4
+
+
+def _setup_for(c, devices=1):
+    mesh = Mesh(np.asarray(jax.devices()[:devices]).reshape(devices, 1), ("data", "model"))
+    return train.build(c, c.data.num_classes, 1000, mesh)
+
+
+@pytest.mark.parametrize("how", ["state_removed", "meta_removed", "metadata_garbage", "data_truncated",
+                                 "empty_newer_dir"])
+def test_restart_falls_back_to_the_newest_intact_checkpoint(base_run, tmp_path, how):
+    wd = _copy(base_run[0], tmp_path)
+    bad = _corrupt(wd, how)
+    logs = []
+    state, meta, step, skipped = train.restore_newest_intact(wd, _setup_for(base_run[1]), 13, logs.append)
+    want = 4 if how == "empty_newer_dir" else 3
+    assert step == want and meta["step"] == want and int(state.step) == want
+    assert [s for s, _ in skipped] == [bad] and skipped[0][1]
+    assert any(f"checkpoints/{bad} is unusable" in m for m in logs)
+
+
+def test_restart_skips_a_non_finite_checkpoint_and_resumes(base_run, tmp_path, capsys):
+    wd = _copy(base_run[0], tmp_path)
+    c = base_run[1]
+    setup = _setup_for(c)
+    state, _, _, _ = train.restore_newest_intact(wd, setup, 13)
+    poisoned = state.replace(step=state.step + 1,
+                             params=jax.tree.map(lambda x: x * np.float32("nan"), state.params))
+    mngr = train.checkpoint_manager(wd, c)
+    train.save_checkpoint(mngr, poisoned, {"step": 5, "num_classes": 13})  # what an older version could leave
+    mngr.wait_until_finished()
+    mngr.close()
+    _corrupt(wd, "state_removed")  # and step 4 is damaged too
+    c6 = tiny_config(num_train_steps=6, checkpoint_every_steps=1, keep_checkpoints=10,
+                     **{"eval.pairs": c.eval.pairs})
+    r = train.train_and_evaluate(c6, wd)
+    out = capsys.readouterr().out
+    assert r["steps"] == 6 and r["devtest_accuracy"] is not None
+    assert "resuming from step 3" in out and "step 5 (ValueError: non-finite values" in out and "step 4 (" in out
+    moved = sorted(os.listdir(os.path.join(wd, "damaged_checkpoints")))
+    assert [m.split("-")[0] for m in moved] == ["4", "5"]
+    assert train.checkpoint_steps(wd)[-1] == 6
+    v, _ = train.restore_variables(wd)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(v))
+
+
+def test_no_intact_checkpoint_or_another_model_stops_naming_them(base_run, tmp_path):
+    wd = _copy(base_run[0], tmp_path)
+    for s in train.checkpoint_steps(wd):
+        open(os.path.join(wd, "checkpoints", str(s), "state", "_METADATA"), "w").write("garbage")
+    with pytest.raises(train.RunError, match=r"no intact checkpoint under .*checkpoints: step 4: .*step 1: "):
+        train.restore_newest_intact(wd, _setup_for(base_run[1]), 13)
+    wd2 = _copy(base_run[0], tmp_path, "other")
+    other = tiny_config(**{"model.embedding_size": 64})
+    with pytest.raises(train.CheckpointMismatch, match=r"checkpoints/4: .* has shape .*use a new workdir"):
+        train.restore_newest_intact(wd2, _setup_for(other), 13)
+    assert train.checkpoint_steps(wd2) == [1, 2, 3, 4]  # not damage: nothing moved
+
+
+def test_finished_run_run_again_changes_nothing(base_run, tmp_path, capsys):
+    wd = _copy(base_run[0], tmp_path)
+    snapshot = {}
+    for root, _, files in os.walk(wd):
+        for f in files:
+            p = os.path.join(root, f)
+            snapshot[p] = (open(p, "rb").read(), os.stat(p).st_mtime_ns)
+    first = json.load(open(os.path.join(wd, "results.json")))
+    assert first["devtest_accuracy"] is not None
+    r = train.train_and_evaluate(base_run[1], wd)
+    assert r == first
+    assert "already finished at step 4" in capsys.readouterr().out
+    for p, (data, mtime) in snapshot.items():
+        if not p.endswith(train.LOCK_FILE):
+            assert open(p, "rb").read() == data and os.stat(p).st_mtime_ns == mtime, p
+    # killed after the last checkpoint, before results.json: the re-run records them
+    os.remove(os.path.join(wd, "results.json"))
+    r = train.train_and_evaluate(base_run[1], wd)
+    assert r["steps"] == 4 and r["devtest_accuracy"] == pytest.approx(first["devtest_accuracy"])
+    assert json.load(open(os.path.join(wd, "results.json")))["devtest_accuracy"] == r["devtest_accuracy"]
+
+
+@pytest.mark.parametrize("saved_on,resumed_on", [(4, 3), (3, 4), (8, 5)])
+def test_any_device_count_resumes_any_checkpoint(tmp_path, saved_on, resumed_on):
+    import math
+    # 13 classes: padded to 128 on 4 or 8 devices, 384 on 3, 640 on 5; one global batch for both meshes
+    c = tiny_config(batch_size=math.lcm(saved_on, resumed_on))
+    src_mesh = Mesh(np.asarray(jax.devices()[:saved_on]).reshape(saved_on, 1), ("data", "model"))
+    _, state, _ = run_steps(c, src_mesh, 1)
+    mngr = train.checkpoint_manager(str(tmp_path), c)
+    train.save_checkpoint(mngr, state, {"step": 1, "num_classes": 13})
+    mngr.wait_until_finished()
+    mngr.close()
+    setup = _setup_for(c, resumed_on)
+    restored, _, step, skipped = train.restore_newest_intact(str(tmp_path), setup, 13)
+    assert step == 1 and not skipped
+    k_old = np.asarray(jax.device_get(state.params["head"]["kernel"]))
+    k_new = restored.params["head"]["kernel"]
+    assert k_new.shape[1] == train.padded_num_classes(13, resumed_on) and len(k_new.sharding.device_set) == resumed_on
+    np.testing.assert_array_equal(np.asarray(k_new)[:, :13], k_old[:, :13])  # the real classes, exactly
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params["backbone"]),
+                 jax.device_get(restored.params["backbone"]))
+    step_fn = train.compile_train_step(setup)  # and it trains on
+    batch = next(train.synthetic_batches(c, setup.global_batch, 1, 13))
+    new, m = step_fn(restored, train.make_global_batch(batch, setup.mesh), jax.random.key(1))
+    assert np.isfinite(float(m["loss"])) and int(new.bad_step) < 0
+
+
+_HOLDER = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {root!r})
+    from ppfr_jax import train
+    with train.workdir_lock({wd!r}):
+        print("LOCKED", flush=True)
+        time.sleep(600)
+""")
+
+
+def test_one_run_per_workdir_and_a_killed_run_does_not_block(tmp_path):
+    wd = str(tmp_path / "run")
+    os.makedirs(wd)
+    p = subprocess.Popen([sys.executable, "-c", _HOLDER.format(root=ROOT, wd=wd)], env=_env(),
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "LOCKED"
+        with pytest.raises(train.RunError, match=rf"workdir {wd} is in use by another run \(pid {p.pid} on "):
+            train.train_and_evaluate(tiny_config(), wd)
+        assert os.listdir(wd) == [train.LOCK_FILE]  # refused before config.json or anything else
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    with train.workdir_lock(wd):  # the kernel released the killed holder's lock
+        with pytest.raises(train.RunError, match="in use by another run"):
+            with train.workdir_lock(wd):
+                pass
+
+
+def test_no_setting_deletes_the_only_checkpoint(tmp_path):
+    c = tiny_config(keep_checkpoints=0, keep_best=0)  # validate refuses it; the manager keeps one anyway
+    with pytest.raises(ValueError, match="keep_checkpoints"):
+        config_lib.validate(c, 8)
+    mngr = train.checkpoint_manager(str(tmp_path), c)
+    for s in (1, 2, 3):
+        st = train.TrainState(step=jnp.int32(s), params={"w": jnp.ones(2)}, model_state={"b": jnp.zeros(1)},
+                              opt_state={"m": jnp.zeros(2)}, bad_step=jnp.int32(-1))
+        train.save_checkpoint(mngr, st, {"step": s})
+        mngr.wait_until_finished()
+    mngr.close()
+    assert train.checkpoint_steps(str(tmp_path)) == [3]
+
+
+def test_unwritable_checkpoint_folder_stops_before_training(tmp_path):
+    wd = tmp_path / "run"
+    wd.mkdir()
+    (wd / "checkpoints").write_text("a file where the folder should be")
+    with pytest.raises(train.RunError, match=r"checkpoint folder .*/run/checkpoints is not writable.*nothing was"):
+        train.train_and_evaluate(tiny_config(), str(wd))
+    assert not (wd / "config.json").exists()
+
+
+def test_failed_save_stops_the_run_at_once_naming_the_path(tmp_path, monkeypatch):
+    real = train.save_checkpoint
+    calls = []
+
+    def failing(mngr, state, meta, metrics=None):
+        calls.append(meta["step"])
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(mngr, state, meta, metrics)
+    monkeypatch.setattr(train, "save_checkpoint", failing)
+    wd = str(tmp_path / "run")
+    with pytest.raises(train.RunError, match=r"saving the checkpoint .*/run/checkpoints/2 failed .*No space left"):
+        train.train_and_evaluate(tiny_config(num_train_steps=6, checkpoint_every_steps=1), wd)
+    assert calls == [1, 2] and train.checkpoint_steps(wd) == [1]
+    assert not os.path.exists(os.path.join(wd, "results.json"))
+
+
+def test_folder_made_unwritable_mid_run_stops_without_the_orbax_timeout(tmp_path, monkeypatch):
+    """The real thing: the folder becomes unwritable (immutable) after the first save. Orbax creates
+    the step folder in a background thread; when that failed, its other threads waited 300 s and the
+    next save (and the interpreter's exit) with them. The folder is probed before every save."""
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    if subprocess.run(["chattr", "+i", str(probe)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here (needs CAP_LINUX_IMMUTABLE on ext4/xfs)")
+    subprocess.run(["chattr", "-i", str(probe)], check=True)
+    wd = tmp_path / "run"
+    real = train.probe_write
+    calls = []
+
+    def lock_before_second_save(folder):
+        calls.append(str(folder))
+        if len(calls) == 3:  # 1: the check before training, 2: before save 1, 3: before save 2
+            subprocess.run(["chattr", "+i", str(wd / "checkpoints")], check=True)
+        return real(folder)
+    monkeypatch.setattr(train, "probe_write", lock_before_second_save)
+    saves = []
+    real_save = train.save_checkpoint
+    monkeypatch.setattr(train, "save_checkpoint", lambda m, s, meta, metrics=None: (
+        saves.append(meta["step"]), real_save(m, s, meta, metrics))[1])
+    try:
+        with pytest.raises(train.RunError, match=r"saving the checkpoint .*/run/checkpoints/2 failed .*Operation not"):
+            train.train_and_evaluate(tiny_config(num_train_steps=8, checkpoint_every_steps=1), str(wd))
+    finally:
+        subprocess.run(["chattr", "-i", str(wd / "checkpoints")])
+    assert saves == [1] and train.checkpoint_steps(str(wd)) == [1]  # Orbax never started the failing save

@@ -1,0 +1,174 @@
+"""The one image decoder of ppfr_jax: encoded bytes or a file -> (H, W, 3) uint8 RGB.
+
+Every reader goes through :func:`decode_rgb`: the training pipeline (TensorFlow
+calls it through ``tf.numpy_function``), verification sets and pairs files
+(``evaluate``), alignment (``ppfr-align``) and the deployed client
+(``ppfr-protect``). A face therefore has the same pixels in training and in
+evaluation, whatever its file looks like.
+
+Why PIL, and not TensorFlow's decoders everywhere: evaluation, alignment and
+the client must run without TensorFlow (``evaluate`` and ``deploy`` import
+only jax), so the decoder they share with training cannot be a TF op; and
+TF's ``decode_image`` and PIL disagree on files that are valid faces (16-bit
+grayscale PNG: PIL's ``convert('RGB')`` saturates to white where TF scales;
+EXIF orientation: TF ignores it). With one function there is nothing to keep
+in sync. JPEG goes through libjpeg(-turbo)'s accurate integer IDCT, as TF's
+``dct_method='INTEGER_ACCURATE'`` did, so baseline JPEG pixels are unchanged.
+
+What every supported file becomes (the tests decode each kind):
+
+- 8-bit RGB / grayscale / bilevel: RGB, grey replicated on the three channels;
+- 16-bit (PNG ``I;16``, 48-bit RGB PNG) and 32-bit integer (``I``) images:
+  the high byte (``v >> 8``, values clipped to [0, 65535] first), as libpng's
+  and PIL's own 16 -> 8 bit reduction for RGB;
+- alpha (RGBA, LA, palette with transparency): dropped, the colour kept
+  (no compositing onto a background), as TF's ``channels=3`` did;
+- palette: looked up; CMYK (incl. Adobe's inverted CMYK JPEG) and YCbCr JPEG:
+  PIL's conversion to RGB; progressive JPEG: as baseline;
+- EXIF orientation (tags 2-8): applied, so the array is the upright picture
+  a viewer (and OpenCV's ``imread``) shows;
+- animated GIF / multi-page TIFF: the first frame.
+
+Other modes (floating-point ``F`` images, LAB, HSV, ...) are refused.
+
+Bounds: the header is read first; an image of more than ``max_pixels``
+pixels (default :data:`MAX_PIXELS`), of another size than ``expect_hw``, or
+whose RGB pixels would take more than ``max(MAX_INFLATION * its encoded size,
+INFLATION_FLOOR)`` bytes (a few hundred bytes of PNG can declare a flat
+8192 x 8192 picture) is refused before any pixel is decoded. So decoding costs
+at most ``max(256 x the bytes read, 256 KiB)`` (and never more than
+``4 * max_pixels``) bytes per image. Every failure is :class:`ImageDecodeError`
+naming the image.
+"""
+from __future__ import annotations
+
+import io
+import os
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+__all__ = ["EXTENSIONS", "ImageDecodeError", "MAX_PIXELS", "decode_rgb", "image_size", "pil_to_rgb"]
+
+# File names the folder readers (training folders, ppfr-protect, ppfr-align) take as images.
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+MAX_PIXELS = 1 << 26  # 67M pixels (an 8192 x 8192 photo): 192 MiB as RGB
+# decoded RGB bytes per encoded byte (JPEG photos and faces: ~5-20; flat PNGs reach ~1000), with a floor
+# that every small image fits in (a 250 x 250 LFW photo is 188 KB as RGB)
+MAX_INFLATION = 256
+INFLATION_FLOOR = 256 << 10
+_ORIENTATION = 0x0112
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+_TO_RGB = ("RGB", "L", "1", "RGBA", "RGBX", "RGBa", "LA", "La", "P", "PA", "CMYK", "YCbCr")
+
+
+class ImageDecodeError(ValueError):
+    """An image cannot be used (unreadable, unsupported, too large, wrong size); the message names it."""
+
+
+def _open(src, what: str) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            # our own pixel limit (below PIL's) is checked right after, with the image named
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray, memoryview)) else src)
+    except FileNotFoundError:
+        raise ImageDecodeError(f"{what}: image not found") from None
+    except Image.DecompressionBombError as e:
+        raise ImageDecodeError(f"{what}: image too large ({e})") from None
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:
+        raise ImageDecodeError(f"{what}: cannot decode image ({e})") from None
+
+
+def _oriented_size(im: Image.Image) -> tuple[int, int]:
+    """(width, height) after the EXIF orientation is applied (from the header only)."""
+    w, h = im.size
+    try:
+        o = im.getexif().get(_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001  (a corrupt EXIF block: PIL raises many kinds; treat as no orientation)
+        o = 1
+    return (h, w) if o in (5, 6, 7, 8) else (w, h)
+
+
+def image_size(src, what: str | None = None) -> tuple[int, int]:
+    """(width, height) of an image as :func:`decode_rgb` returns it, reading only the header."""
+    what = what or (f"{os.fspath(src)}" if not isinstance(src, (bytes, bytearray, memoryview)) else "image")
+    im = _open(src, what)
+    try:
+        return _oriented_size(im)
+    finally:
+        im.close()
+
+
+def decode_rgb(src, what: str | None = None, *, expect_hw: tuple[int, int] | None = None,
+               max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode one image to RGB.
+
+    Args:
+      src: encoded bytes, or a path.
+      what: how to name the image in errors (default: the path, or "image").
+      expect_hw: (H, W) the decoded image must have; checked on the header,
+        before decoding.
+      max_pixels: refuse images with more pixels than this (header check).
+    Returns:
+      (H, W, 3) uint8, C-contiguous.
+    Raises:
+      ImageDecodeError naming ``what``: not found, not an image, truncated or
+      corrupt, unsupported mode, more than ``max_pixels`` pixels, or not ``expect_hw``.
+    """
+    if what is None:
+        what = "image" if isinstance(src, (bytes, bytearray, memoryview)) else os.fspath(src)
+    im = _open(src, what)
+    try:
+        w, h = _oriented_size(im)
+        if w * h > max_pixels:
+            raise ImageDecodeError(f"{what}: image is {w}x{h} (WxH), more than the {max_pixels} pixels "
+                                   f"this reader accepts")
+        if expect_hw is not None and (h, w) != tuple(expect_hw):
+            raise ImageDecodeError(f"{what}: image is {w}x{h} (WxH), expected {expect_hw[1]}x{expect_hw[0]}")
+        encoded = len(src) if isinstance(src, (bytes, bytearray, memoryview)) else os.path.getsize(src)
+        if 3 * w * h > max(MAX_INFLATION * encoded, INFLATION_FLOOR):
+            raise ImageDecodeError(f"{what}: a {encoded}-byte file declares a {w}x{h} image ({3 * w * h} bytes of "
+                                   f"pixels), more than {MAX_INFLATION}x its size: refused as a decompression bomb")
+        try:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return _to_rgb(im, what)
+        except ImageDecodeError:
+            raise
+        except (OSError, ValueError, SyntaxError, EOFError, MemoryError, IndexError, TypeError,
+                Image.DecompressionBombError) as e:
+            raise ImageDecodeError(f"{what}: cannot decode image ({type(e).__name__}: {e})") from None
+    finally:
+        im.close()
+
+
+def pil_to_rgb(im: Image.Image, what: str = "image") -> np.ndarray:
+    """An already opened PIL image -> (H, W, 3) uint8 by the rules of :func:`decode_rgb`
+    (EXIF orientation applied; no size limits: the caller chose to decode it)."""
+    try:
+        im.load()
+        return _to_rgb(ImageOps.exif_transpose(im), what)
+    except ImageDecodeError:
+        raise
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:
+        raise ImageDecodeError(f"{what}: cannot decode image ({type(e).__name__}: {e})") from None
+
+
+def _to_rgb(im: Image.Image, what: str) -> np.ndarray:
+    mode = im.mode
+    if mode in _SIXTEEN_BIT or mode == "I":
+        a = np.asarray(im)
+        if a.ndim != 2:
+            raise ImageDecodeError(f"{what}: unexpected {mode} image of shape {a.shape}")
+        a = (np.clip(a.astype(np.int64), 0, 65535) >> 8).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(a[..., None], 3, axis=2))
+    if mode not in _TO_RGB:
+        raise ImageDecodeError(f"{what}: unsupported image mode {mode!r} (8/16-bit grey, RGB(A), palette, "
+                               f"CMYK and YCbCr are read)")
+    rgb = im if mode == "RGB" else im.convert("RGB")
+    a = np.asarray(rgb, dtype=np.uint8)
+    if a.ndim != 3 or a.shape[2] != 3:
+        raise ImageDecodeError(f"{what}: decoded to shape {a.shape}, expected (H, W, 3)")
+    return np.ascontiguousarray(a)
