@@ -13,13 +13,23 @@ this checkout)::
 of every step, used instead of ``torch.randperm``), for ``duetface_int`` also ``roi``
 (B, 1, 112, 112) float32 (the landmark ROI mask, used instead of PFLD + scipy).
 ``SETTINGS.json``: ``case``, ``steps``, ``lr``, ``momentum``, ``weight_decay``,
-``num_classes``, ``generator_lr_mult`` (MinusFace stage 1), ``embedding_size``.
+``num_classes``, ``generator_lr_mult`` (MinusFace stage 1), ``embedding_size``, for
+``duetface_int`` also ``sub_channels`` and ``client_embedding_size``.
 
 Each case is built and stepped as ``ref_bench.py`` builds it (the trainers' ``loop_step``),
 with two changes that make the two sides comparable: dropout set to 0 (its masks cannot be
 drawn alike), and weight decay on every parameter of the model and head (what the
 reference's ``separate_resnet_bn_paras`` does for these models: no parameter name contains
 ``bn``) at ``lr`` times ``generator_lr_mult`` for MinusFace's generator.
+
+``duetface_int`` (``DuetFaceModel(30, 512, 512, 'IR_18', 'MobileFaceNet')``, client frozen
+in eval() and outside the optimiser, ``model(*_images_to_dct(x, sub_channels),
+landmark_inference=roi)``) needs one more, a patch of the reference's behaviour:
+``InteractiveBlock`` re-creates its 1x1 interface conv with fresh random weights in every
+forward (never trained; ours is a learned parameter). ``keep_interface_once`` patches the
+class at run time so each block keeps the conv of its first forward; that forward runs in
+eval() before the state_dict is saved and the optimiser built, so the interface convs are in
+``init/`` and are trained (with weight decay) like every server parameter.
 
 ``OUT.npz``: ``init/<torch key>`` (the state_dict before the first step: model ``model.*``,
 head ``head.kernel``), ``final/<torch key>`` (after the last step), ``losses`` (steps,).
@@ -34,6 +44,23 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED_REF = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "reference"))
+
+
+def keep_interface_once(block_cls):
+    """Parity patch of ``InteractiveBlock``: the interface conv is made once, then kept and trained.
+
+    The reference assigns ``self.interface = nn.Sequential(Upsample, Conv2d)`` with fresh random
+    weights in EVERY forward, so that conv is never trained and changes from call to call; ours
+    is a learned parameter. Patched here, on the class at run time (the reference files are not
+    touched): an assignment to ``interface`` when one is already registered is ignored, so the
+    forward still builds (and discards) a new one but applies the first. Nothing else of the
+    forward changes.
+    """
+    def __setattr__(self, name, value):
+        if name == "interface" and isinstance(value, torch.nn.Module) and self._modules.get("interface") is not None:
+            return
+        torch.nn.Module.__setattr__(self, name, value)
+    block_cls.__setattr__ = __setattr__
 
 
 def main(argv=None):
@@ -100,6 +127,28 @@ def main(argv=None):
             model.shuffle = shuffle
         groups = [{"params": list(model.generator.parameters()), "lr": s["lr"] * s.get("generator_lr_mult", 1.0)},
                   {"params": list(model.recognizer.parameters()), "lr": s["lr"]}]
+    elif case == "duetface_int":
+        keep_interface_once(R.dm.InteractiveBlock)
+        model = R.dm.DuetFaceModel(30, emb, int(s.get("client_embedding_size", 512)), main_model_name="IR_18",
+                                   sub_model_name="MobileFaceNet")
+        roi = torch.from_numpy(inp["roi"]).float()
+        sub_chs = [int(c) for c in s["sub_channels"]]
+
+        def forward():
+            main_inputs, sub_inputs = R.dtrain._images_to_dct(x, sub_channels=sub_chs)
+            return model(main_inputs, sub_inputs, landmark_inference=roi, warm_up=False), None
+
+        # one forward in eval() (no BatchNorm statistics move) creates each block's interface conv,
+        # which the patch then keeps; only now are they in the state_dict and the optimiser
+        model.eval()
+        with torch.no_grad():
+            forward()
+        n_iface = sum(1 for k in model.state_dict() if ".interface." in k)
+        if n_iface != 8:
+            raise SystemExit(f"expected 4 interface convs (8 tensors) after the first forward, got {n_iface}")
+        kept = [(blk, blk.interface) for blk in model.modules() if isinstance(blk, R.dm.InteractiveBlock)]
+        # the client is frozen (DuetFaceModel.forward sets requires_grad=False on it): not in the optimiser
+        groups = [{"params": list(model.server_model.parameters()), "lr": s["lr"]}]
     else:
         raise SystemExit(f"unknown case {case!r}")
 
@@ -116,6 +165,10 @@ def main(argv=None):
     head.train()
     if case == "minusface_stage2":
         model.generator.eval()
+    if case == "duetface_int":  # train.py loop_step: the client model in eval()
+        for m in model.modules():
+            if isinstance(m, R.lb.ClientBackbone):
+                m.eval()
     losses = []
     for i in range(int(s["steps"])):
         if case.startswith("minusface"):
@@ -135,12 +188,17 @@ def main(argv=None):
         bopt.step()
         hopt.step()
         losses.append(float(loss.item()))
+    if case == "duetface_int" and not all(blk.interface is iface for blk, iface in kept):
+        raise SystemExit("keep_interface_once: an InteractiveBlock replaced its interface conv during training")
     out = {f"init/{k}": v for k, v in init_sd.items()}
     out.update({f"final/model.{k}": v.detach().numpy() for k, v in model.state_dict().items()})
     out["final/head.kernel"] = head.kernel.detach().numpy()
     out["losses"] = np.asarray(losses, np.float64)
     np.savez(a.out, **out)
-    print(json.dumps({"case": case, "losses": losses}))
+    info = {"case": case, "losses": losses}
+    if case == "duetface_int":
+        info["reference_patch"] = "InteractiveBlock interface conv made once (first forward, eval) and trained"
+    print(json.dumps(info))
 
 
 if __name__ == "__main__":

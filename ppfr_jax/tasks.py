@@ -105,9 +105,13 @@ class RecognitionTask:
         new_state = {**model_state, "batch_stats": {**model_state["batch_stats"], "backbone": upd["batch_stats"]}}
         return out, new_state
 
+    def batch_features(self, params, model_state, batch, rng, train):
+        """``features`` of a training batch: the image plus the fields a task reads (here ``landmarks``)."""
+        return self.features(params, model_state, batch["image"], rng, train, batch.get("landmarks"))
+
     def loss(self, params, model_state, batch, rng, train=True):
         r_f, r_h = jax.random.split(rng)
-        emb, new_state = self.features(params, model_state, batch["image"], r_f, train, batch.get("landmarks"))
+        emb, new_state = self.batch_features(params, model_state, batch, r_f, train)
         head_vars = {"params": params["head"]}
         if "head_state" in model_state:
             head_vars["head_state"] = model_state["head_state"]["head"]

@@ -111,6 +111,29 @@ def test_train_mode_updates_batch_stats(ctor, shape):
     assert all(jax.tree.leaves(changed))
 
 
+@pytest.mark.parametrize("shape", [(8, 5), (4, 3, 3, 6)])  # BatchNorm1d (the embedding's), BatchNorm2d
+def test_batch_norm_running_stats_follow_torch(shape):
+    # torch: normalise with the biased batch variance, but move running_var towards the UNBIASED
+    # one (n/(n-1), n values per channel); flax's own BatchNorm uses the biased one there (8/7 off at B=8)
+    from ppfr_jax.models.layers import batch_norm
+    x = np.asarray(jax.random.normal(jax.random.key(0), shape) * 3 + 1, np.float64)
+    bn = batch_norm(True, name="bn")
+    old = {"mean": np.linspace(-1, 1, shape[-1]), "var": np.linspace(0.5, 2, shape[-1])}
+    v = {"params": {"scale": np.full(shape[-1], 1.5, np.float32), "bias": np.full(shape[-1], 0.1, np.float32)},
+         "batch_stats": {k: a.astype(np.float32) for k, a in old.items()}}
+    y, upd = jax.jit(lambda v, x: bn.apply(v, x, mutable=["batch_stats"]))(v, x.astype(np.float32))
+    axes = tuple(range(len(shape) - 1))
+    mean, var = x.mean(axes), x.var(axes)
+    n = x.size // shape[-1]
+    np.testing.assert_allclose(upd["batch_stats"]["var"], 0.9 * old["var"] + 0.1 * var * n / (n - 1), rtol=1e-5)
+    np.testing.assert_allclose(upd["batch_stats"]["mean"], 0.9 * old["mean"] + 0.1 * mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(y, 1.5 * (x - mean) / np.sqrt(var + 1e-5) + 0.1, rtol=1e-5, atol=1e-5)
+    # inference uses the running statistics as they are
+    y_eval = batch_norm(False, name="bn").apply(v, x.astype(np.float32))
+    np.testing.assert_allclose(y_eval, 1.5 * (x - old["mean"]) / np.sqrt(old["var"] + 1e-5) + 0.1, rtol=1e-5,
+                               atol=1e-5)
+
+
 def test_iresnet_dropout_is_active_only_in_train():
     model = iresnet.IR_TINY()
     x = jax.random.normal(jax.random.key(1), (2, 112, 112, 3))

@@ -172,6 +172,36 @@ def test_split_channels_slices_match_the_gather():
         np.testing.assert_array_equal(merged, d)
 
 
+def test_batch_roi_replaces_the_computed_roi(monkeypatch):
+    """batch['roi'] (the parity run's recorded mask) is the ROI the loss uses, in place of roi_source's."""
+    c = duetface_config.get_config("server,tiny,client_workdir=unused,roi=dataset")
+    client = duetface.build_client(c.duetface.client_backbone, 30, c.duetface.client_embedding_size)
+    cv = client.init(jax.random.key(3), jnp.zeros((1, 112, 112, 30)), train=False)
+    monkeypatch.setattr(duetface, "restore_engine_variables", lambda wd, step=None: (
+        {"params": {"backbone": cv["params"]}, "batch_stats": {"backbone": cv["batch_stats"]}}, 1))
+    task = duetface.DuetFaceTask(c, 10)
+    images = np.random.default_rng(0).integers(0, 256, (2, 112, 112, 3), dtype=np.uint8)
+    labels = np.array([1, 7], np.int32)
+    v = task.init(jax.random.key(0), images, labels)
+    params = jax.tree.map(lambda a: a, v["params"])
+    for i, layer in enumerate(params["duetface"]["server_model"]):  # w = 0 would hide the mask
+        if "embedding_layer" in params["duetface"]["server_model"][layer]:
+            params["duetface"]["server_model"][layer]["embedding_layer"]["weight"] = jnp.float32(0.5 + 0.1 * i)
+    ms = {k: v[k] for k in v if k != "params"}
+    loss = jax.jit(lambda b: task.loss(params, ms, b, jax.random.key(1))[0])
+    g = load_golden("landmark_roi")
+    lm = np.asarray(g["landmarks"][:2], np.float32)
+    by_hand = np.asarray(roi.landmark_mask(lm))[..., None]
+    want = loss({"image": images, "label": labels, "landmarks": lm})  # roi_source='dataset' from the landmarks
+    with_roi = lambda r: loss({"image": images, "label": labels, "landmarks": lm, "roi": r})
+    np.testing.assert_allclose(with_roi(by_hand), want, rtol=1e-6)  # the same mask given: the same loss
+    # another mask changes the loss although the landmarks are the same: the batch ROI is the one used
+    other = np.broadcast_to(roi.template_mask()[None, ..., None], (2, 112, 112, 1))
+    soft = by_hand * np.linspace(0.2, 1.0, 112, dtype=np.float32)[None, None, :, None]
+    assert abs(float(with_roi(other)) - float(want)) > 1e-4
+    assert abs(float(with_roi(soft)) - float(want)) > 1e-4
+
+
 # ----------------------------------------------------------------------------- two-stage training
 
 

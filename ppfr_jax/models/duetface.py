@@ -56,7 +56,9 @@ Facial ROI (``config.duetface.roi_source``): ``'dataset'`` (batch key
 ``landmarks``, (B, 98, 2) normalised, x = column), ``'pfld'`` (a frozen PFLD
 detector in the graph, weights from ``config.duetface.pfld_checkpoint``) or
 ``'template'`` (a constant hull for aligned faces); all rasterised on the
-accelerator by ``ppfr_jax.roi``.
+accelerator by ``ppfr_jax.roi``. A training batch may instead carry the mask
+itself, ``batch['roi']`` (B, 112, 112, 1) in [0, 1], which then replaces it
+(``DuetFaceTask.batch_features``; used by the training-parity run).
 """
 from __future__ import annotations
 
@@ -527,16 +529,30 @@ class DuetFaceTask(tasks.RecognitionTask):
             variables["head_state"] = {"head": hd["head_state"]}
         return variables
 
-    def features(self, params, model_state, images, rng, train, landmarks=None):
+    def features(self, params, model_state, images, rng, train, landmarks=None, given_roi=None):
+        """``RecognitionTask.features``; ``given_roi`` (B, 112, 112[, 1]) in [0, 1] is the ROI itself
+        (used instead of ``roi_source``'s, which is then not computed)."""
         x = tasks.normalise_images(images)
         x_server, x_client = split_input(x, self.sub_channels, self.dtype)
-        r = self.roi_mask(model_state, x, landmarks)
+        if given_roi is None:
+            r = self.roi_mask(model_state, x, landmarks)
+        else:
+            r = jnp.asarray(given_roi, jnp.float32)
+            r = jax.lax.stop_gradient(r[..., 0] if r.ndim == 4 else r)
         v = self._model_variables(params, model_state)
         emb, upd = self.model.apply(v, x_server, x_client, r, train=train, rngs={"dropout": rng},
                                     mutable=["batch_stats"])
         stats = {k: s for k, s in upd["batch_stats"].items() if k != "client_model"}
         new_state = {**model_state, "batch_stats": {**model_state["batch_stats"], "duetface": stats}}
         return emb, new_state
+
+    def batch_features(self, params, model_state, batch, rng, train):
+        """A batch field ``roi`` (B, 112, 112, 1) in [0, 1], when present, is the facial ROI used instead of
+        ``roi_source``'s (as MinusFace stage 2 reads recorded shuffles from ``batch['perms']``: the
+        training-parity run, ``bench/train_parity.py``, feeds the reference's ``landmark_inference`` mask
+        this way). Without it: ``roi_source`` (``landmarks`` for ``'dataset'``)."""
+        return self.features(params, model_state, batch["image"], rng, train, batch.get("landmarks"),
+                             batch.get("roi"))
 
     def embed(self, variables, images):
         x = tasks.normalise_images(images)

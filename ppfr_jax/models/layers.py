@@ -35,10 +35,35 @@ class PReLU(nn.Module):
         return jnp.where(x >= 0, x, alpha * x)
 
 
+class TorchBatchNorm(nn.BatchNorm):
+    """``nn.BatchNorm`` whose running variance is updated as torch's: with the UNBIASED batch variance.
+
+    torch's BatchNorm normalises a training batch with the biased variance (as flax does) but
+    moves ``running_var`` towards the unbiased one, ``var * n / (n - 1)`` with n the number of
+    values per channel (N*H*W); flax moves it towards the biased one. Same variables, same
+    outputs; only the ``batch_stats/var`` update differs (by the factor n/(n-1) on the batch's
+    share: 8/7 for the embedding BatchNorm1d at batch 8, negligible for the conv BatchNorms).
+    """
+
+    def __call__(self, x, use_running_average=None, *, mask=None):
+        ura = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        feature_axes = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
+        n = x.size // math.prod(x.shape[a] for a in feature_axes)  # values per channel
+        update = not ura and not self.is_initializing() and mask is None and n > 1
+        old = self.get_variable("batch_stats", "var") if update else None
+        y = super().__call__(x, use_running_average, mask=mask)
+        if update:
+            # flax stored m*old + (1-m)*v; torch's m*old + (1-m)*v*n/(n-1) adds (1-m)*v/(n-1)
+            new = self.get_variable("batch_stats", "var")
+            self.put_variable("batch_stats", "var", new + (new - self.momentum * old) / (n - 1))
+        return y
+
+
 def batch_norm(train: bool, *, name: str, dtype: Dtype = jnp.float32,
                param_dtype: Dtype = jnp.float32, affine: bool = True) -> nn.BatchNorm:
-    """torch-compatible BatchNorm (eps 1e-5, torch momentum 0.1 == flax 0.9)."""
-    return nn.BatchNorm(
+    """torch-compatible BatchNorm (eps 1e-5, torch momentum 0.1 == flax 0.9, running variance
+    updated with the unbiased batch variance: ``TorchBatchNorm``)."""
+    return TorchBatchNorm(
         use_running_average=not train,
         momentum=0.9,
         epsilon=1e-5,
