@@ -36,6 +36,14 @@ reaches 80.1%: see bench/RESULTS.md)::
     python -m ppfr_jax.main --config configs/minusface.py:stage1,demo --workdir runs/minusface_stage1_demo
     python -m ppfr_jax.main --config configs/minusface.py:stage2,demo --workdir runs/minusface_stage2_demo
 
+Why stage 2 stays near chance at this budget, measured (bench/RESULTS.md, "MinusFace demo: why
+stage 2 stays near chance"): the 42-step generator does not regenerate (decoded regeneration
+12.4 dB from the face, the residue 20.5 dB: the residue is still the face), and ArcFace's margin
+keeps the stage-2 recogniser at training accuracy 0.000 (``--config.head.margin=0.0``: 0.107 at
+168 steps, DevTest 56.9%). ``minusface.generator_scale`` (g(x) = s U(x/s), default 1 = the
+reference) conditions the generator for SGD; ``python bench/minusface_demo.py --stage1 DIR
+--stage2 DIR --out DIR`` reports regeneration / residue / X_p PSNR and writes the X_p pictures.
+
 (stage 2's ``demo`` reads ``runs/minusface_stage1_demo`` unless
 ``stage1_workdir=...`` is given). ``toy``: the U-Net on RGB
 (``configs/minusface.py:toy,demo``). ``tiny``: synthetic data, a few steps, for tests.
