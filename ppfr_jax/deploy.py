@@ -372,7 +372,8 @@ def _deployment_minusface(config, variables, source, step, seed) -> Deployment:
     mf, m = config.minusface, config.model
     model = minusface.build_model("stage2", backbone=m.backbone, embedding_size=m.embedding_size,
                                   dropout=m.get("dropout", 0.4), generator_widths=mf.generator_widths,
-                                  n_duplicate=int(mf.get("n_duplicate", 1)))
+                                  n_duplicate=int(mf.get("n_duplicate", 1)),
+                                  generator_scale=float(mf.get("generator_scale", 1.0)))
     x = jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3))
     init = lambda k: model.init({"params": k, "dropout": k}, x, key=k)  # noqa: E731
     if variables is None:

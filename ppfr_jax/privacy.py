@@ -346,7 +346,10 @@ def load_minusface_generator(config, rng):
     wd = mf.get("workdir", "") or ""
     run = _run_config(wd) if wd else {}
     widths = tuple(int(w) for w in run.get("minusface", {}).get("generator_widths", mf.generator_widths))
-    model = minusface.build_model("stage2", backbone="ir_tiny", generator_widths=widths, n_duplicate=1)
+    # the generator's function depends on its run's scale (g = s U(x / s)), as on its widths
+    scale = float(run.get("minusface", {}).get("generator_scale", mf.get("generator_scale", 1.0)))
+    model = minusface.build_model("stage2", backbone="ir_tiny", generator_widths=widths, n_duplicate=1,
+                                  generator_scale=scale)
     gen = unet.UNet(in_channels=frequency.NUM_CHANNELS, out_channels=frequency.NUM_CHANNELS, widths=widths)
     x = jax.ShapeDtypeStruct((1, 112, 112, frequency.NUM_CHANNELS), jnp.float32)
     want = jax.eval_shape(gen.init, jax.random.key(0), x)["params"]

@@ -103,6 +103,17 @@ def test_minusface_fresh_key_changes_x_p_and_fixed_permutations_repeat(mf):
     assert np.abs(mf.protect(img, ident)["x_p"] - y1).max() > 0.05
 
 
+def test_minusface_deployment_uses_the_runs_generator_scale(mf):
+    # a run trained with generator_scale s protects with s * U(x / s), not U(x)
+    cfg = minusface_config.get_config("stage2,tiny")
+    cfg.minusface.generator_scale = 4.0
+    dep = deploy.load_deployment(config=cfg, untrained=True, seed=0)
+    assert dep.model.generator_scale == 4.0 and mf.model.generator_scale == 1.0
+    img = np.random.default_rng(2).integers(0, 256, (1, 112, 112, 3), dtype=np.uint8)
+    perms = deploy.fresh_permutations(1)
+    assert np.abs(dep.protect(img, perms)["x_p"] - mf.protect(img, perms)["x_p"]).max() > 1e-3
+
+
 # ----------------------------------------------------------------------------- ONNX export
 
 
