@@ -495,9 +495,11 @@ def restore_newest_intact(workdir: str, setup: Setup, num_classes: int, log=prin
                 if not bool(jax.device_get(jax.jit(all_finite)((state.params, state.opt_state, state.model_state)))):
                     raise ValueError("non-finite values in its parameters or optimiser state")
                 return state, meta, step, skipped
-            except CheckpointMismatch:
+            except (CheckpointMismatch, MemoryError, TimeoutError, ConnectionError, InterruptedError):
+                # not damage: another model, or a passing failure of this host / its storage. Falling
+                # back would move a good newer checkpoint aside and silently drop its progress.
                 raise
-            except Exception as e:  # noqa: BLE001  (Orbax / tensorstore / JSON: any failure means damage)
+            except Exception as e:  # noqa: BLE001  (Orbax / tensorstore / JSON: any other failure means damage)
                 skipped.append((step, _short(e)))
                 log(f"checkpoint {root / str(step)} is unusable ({_short(e)}); trying the previous one")
     finally:

@@ -395,6 +395,20 @@ def test_restart_skips_a_non_finite_checkpoint_and_resumes(base_run, tmp_path, c
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(v))
 
 
+@pytest.mark.parametrize("err", [MemoryError("host out of memory"), TimeoutError("storage timed out")])
+def test_a_passing_failure_is_not_damage(base_run, tmp_path, monkeypatch, err):
+    # a transient error on the newest checkpoint stops the restart; nothing is moved or skipped
+    wd = _copy(base_run[0], tmp_path)
+
+    def fail(*a, **k):
+        raise err
+    monkeypatch.setattr(train, "restore_checkpoint", fail)
+    with pytest.raises(type(err), match=str(err)):
+        train.restore_newest_intact(wd, _setup_for(base_run[1]), 13)
+    assert train.checkpoint_steps(wd) == [1, 2, 3, 4]
+    assert not os.path.exists(os.path.join(wd, "damaged_checkpoints"))
+
+
 def test_no_intact_checkpoint_or_another_model_stops_naming_them(base_run, tmp_path):
     wd = _copy(base_run[0], tmp_path)
     for s in train.checkpoint_steps(wd):
