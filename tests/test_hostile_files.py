@@ -167,7 +167,7 @@ def test_stride0_and_shared_storage_expansion_is_refused(tmp_path):
 def test_a_few_shared_views_within_the_budget_still_load(tmp_path):
     # real checkpoints do share storages (views, tied weights): small overlaps stay readable
     refs = b"".join(s(f"t{k}") + rebuild(storage("FloatStorage", "0", 256), 0, (256,), (1,)) for k in range(3))
-    p = write_zip(tmp_path / "views.pth", prog(b"}(" + refs + b"u" + b""), {"0": np.arange(256, dtype="<f4").tobytes()})
+    p = write_zip(tmp_path / "views.pth", prog(b"}(" + refs + b"u"), {"0": np.arange(256, dtype="<f4").tobytes()})
     out = tp.load_torch_file(p)
     assert sorted(out) == ["t0", "t1", "t2"] and all(np.array_equal(v, np.arange(256)) for v in out.values())
 
@@ -241,7 +241,7 @@ def test_bin_reader_bounds(tmp_path):
 
 
 def test_legacy_storage_count_cannot_allocate(tmp_path):
-    body = pickle.dumps(None, protocol=2)  # replaced below by a tensor over storage '0'
+    # a tensor over a legacy storage that declares 2**40 floats; the file holds 16 bytes
     body = prog(rebuild(tup(s("storage"), glob("torch", "FloatStorage"), s("0"), s("cpu"), i(2 ** 40), NONE) + b"Q",
                         0, (1,), (1,)))
     p = legacy(tmp_path / "legacy.pt", body, keys=["0"], storages=struct.pack("<q", 2 ** 40) + bytes(16))
