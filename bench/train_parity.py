@@ -234,7 +234,6 @@ def run_case(case, a, batch, tmp):
     if case == "minusface_stage2":  # the frozen generator goes through the real stage-1 loading path
         from train_step import _save_engine_checkpoint
         from ppfr_jax.models import minusface
-        from ppfr_jax import frequency
         c1 = configure("minusface_stage1", b, lr, None)
         m1 = minusface.build_model("stage1", backbone=c1.model.backbone, embedding_size=512, dropout=0.0,
                                    generator_widths=c1.minusface.generator_widths)
@@ -243,7 +242,6 @@ def run_case(case, a, batch, tmp):
                                                    prefix="model.generator.backbone.")
         stage1_wd = os.path.join(d, "stage1")
         _save_engine_checkpoint(stage1_wd, {"generator": g["params"]}, {})
-        del frequency
     client_wd = ""
     ref_client_unchanged = None
     if case == "duetface_int":  # the frozen client goes through the real loading path (an engine checkpoint)
