@@ -145,12 +145,12 @@ def _memory(compiled) -> dict:
 
 def run_case(step, num_classes, n, model, a) -> dict:
     import jax
-    from ppfr_jax import train
+    from ppfr_jax import sharding
     cfg = _arcface_config(num_classes, n, model, a)
-    mesh = train.create_mesh(cfg)
-    padded = train.padded_num_classes(num_classes, mesh.size)
+    mesh = sharding.create_mesh(cfg)
+    padded = sharding.padded_num_classes(num_classes, mesh.size)
     per_dev_classes = padded // mesh.size
-    gb = train.global_batch_size(cfg, mesh)
+    gb = sharding.global_batch_size(cfg, mesh)
     t0 = time.perf_counter()
     if step == "engine":
         compiled, extra = _compile_engine(cfg, mesh, num_classes, gb)
@@ -179,10 +179,10 @@ def _compile_engine(cfg, mesh, num_classes, gb):
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from ppfr_jax import train
+    from ppfr_jax import sharding, train
     setup = train.build(cfg, num_classes, 10 * gb, mesh)
     step = train.compile_train_step(setup)
-    bs = train.batch_sharding(mesh)
+    bs = sharding.batch_sharding(mesh)
     batch = {"image": jax.ShapeDtypeStruct((gb, 112, 112, 3), jnp.uint8, sharding=bs),
              "label": jax.ShapeDtypeStruct((gb,), jnp.int32, sharding=bs)}
     key = jax.eval_shape(lambda: jax.random.key(0))
@@ -210,7 +210,7 @@ def _compile_head(cfg, mesh, num_classes, padded, gb):
     o = cfg.optim
     tx = optax.chain(optax.add_decayed_weights(o.weight_decay), optax.sgd(o.lr, momentum=o.momentum))
     d = cfg.model.embedding_size
-    kernel_sh = NamedSharding(mesh, P(None, ("data", "model")))  # as train.state_shardings
+    kernel_sh = NamedSharding(mesh, P(None, ("data", "model")))  # as sharding.state_shardings
     bs = NamedSharding(mesh, P("data"))
     rep = NamedSharding(mesh, P())
     params = {"kernel": jax.ShapeDtypeStruct((d, padded), jnp.float32)}

@@ -71,10 +71,10 @@ def stage1_views(task, variables, images, key, batch_size: int = 50):
 def report(stage1: str, stage2: str | None = None, baseline: str | None = None, out_dir: str = "",
            n_images: int = 2000) -> dict:
     """The figures described in the module docstring, as a dict; writes ``xp_grid.png`` into ``out_dir``."""
-    from ppfr_jax import evaluate, train
+    from ppfr_jax import evaluate, methods
     from ppfr_jax.privacy import visual_metrics
 
-    task, variables, step = train.load_for_inference(stage1)
+    task, variables, step = methods.load_for_inference(stage1)
     if getattr(task, "mode", None) != "stage1":
         raise SystemExit(f"--stage1 {stage1!r}: not a MinusFace stage-1 run (task {type(task).__name__})")
     images, _ = evaluate.load_verification_set("demo")

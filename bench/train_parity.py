@@ -98,12 +98,12 @@ def demo_batch(batch: int, seed: int = 0) -> dict:
     """The first ``batch`` faces of the demo pipeline: image (B,112,112,3) uint8, label (B,) int32,
     landmarks (B,98,2) float32 (the demo set's stored landmarks; the images are the same either way)."""
     import importlib
-    from ppfr_jax import train
+    from ppfr_jax import data
     cfg = importlib.import_module("arcface").get_config("demo")
     cfg.batch_size = batch
     cfg.seed = seed
     cfg.data.landmarks = True
-    it, _, _ = train.train_source(cfg, batch, 0)
+    it, _, _ = data.train_source(cfg, batch, 0)
     b = next(iter(it))
     return {"image": np.asarray(b["image"]), "label": np.asarray(b["label"]).astype(np.int32),
             "landmarks": np.asarray(b["landmarks"], np.float32)}
@@ -191,7 +191,7 @@ def _flat(tree, prefix=()):
 
 
 def run_case(case, a, batch, tmp):
-    from ppfr_jax import train
+    from ppfr_jax import optim, sharding, train
     _, _, lr, gen_mult = CASES[case]
     rng = np.random.default_rng(a.seed)
     inputs = {"images": np.transpose(batch["image"].astype(np.float32) / 127.5 - 1.0, (0, 3, 1, 2)),
@@ -254,11 +254,11 @@ def run_case(case, a, batch, tmp):
         ref_client_unchanged = all(np.array_equal(init_sd[k], final_sd[k]) for k in init_sd
                                    if k.startswith("model.client_model."))
     cfg = configure(case, b, lr, gen_mult, stage1_wd, client_wd)
-    mesh = train.create_mesh(cfg)
+    mesh = sharding.create_mesh(cfg)
     setup = train.build(cfg, NUM_CLASSES, 10 * b, mesh)
     # the reference decays every parameter (no name contains 'bn'): the same rule on our side
     setup.task.decays = lambda path: True
-    setup.tx = train.make_optimizer(cfg, setup.task, setup.abstract_state.params, setup.schedule)
+    setup.tx = optim.make_optimizer(cfg, setup.task, setup.abstract_state.params, setup.schedule)
     state = train.init_state(setup, jax.random.key(0))
     params, ms = import_state(case, setup.task, init_sd, state.params, state.model_state)
     if case == "minusface_stage2":
@@ -285,7 +285,7 @@ def run_case(case, a, batch, tmp):
                 bt["perms"] = jnp.asarray(np.swapaxes(inputs["perms"][i], 0, 1), jnp.int32)  # (B, n_dup, 192)
             if case == "duetface_int":
                 bt["roi"] = jnp.asarray(roi_mask[..., None])  # (B, 112, 112, 1)
-            st, m = step(st, train.make_global_batch(bt, mesh), jax.random.key(1))
+            st, m = step(st, sharding.make_global_batch(bt, mesh), jax.random.key(1))
             losses.append(float(m["loss"]))
         return losses, jax.device_get((st.params, st.model_state))
 

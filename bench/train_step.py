@@ -94,7 +94,7 @@ def _save(path: str, tree) -> None:
 
 
 def _save_engine_checkpoint(workdir: str, params: dict, model_state: dict) -> None:
-    """The layout ``train.restore_variables`` reads: ``<workdir>/checkpoints/<step>/state``."""
+    """The layout ``checkpoints.restore_variables`` reads: ``<workdir>/checkpoints/<step>/state``."""
     _save(os.path.join(workdir, "checkpoints", "0", "state"), {"params": params, "model_state": model_state})
 
 
@@ -145,7 +145,7 @@ def load_config(name: str, root: str):
 
 
 def run_case(name, batch, steps, warmup, bf16, num_classes, profile_dir="", profile_steps=3):
-    from ppfr_jax import train
+    from ppfr_jax import data, sharding, train
 
     with tempfile.TemporaryDirectory(prefix=f"bench_{name}_") as root:
         cfg = load_config(name, root)
@@ -154,12 +154,12 @@ def run_case(name, batch, steps, warmup, bf16, num_classes, profile_dir="", prof
         cfg.batch_size = batch * jax.device_count()
         cfg.half_precision = bool(bf16)
         cfg.eval.pairs = ""
-        mesh = train.create_mesh(cfg)
+        mesh = sharding.create_mesh(cfg)
         setup = train.build(cfg, num_classes, 10 * cfg.batch_size, mesh)  # loads the frozen weights
     state = train.init_state(setup, jax.random.key(0))
     step = train.compile_train_step(setup)
-    local = next(train.synthetic_batches(cfg, setup.global_batch, 0, num_classes))
-    batch_arr = train.make_global_batch(local, mesh)
+    local = next(data.synthetic_batches(cfg, setup.global_batch, 0, num_classes))
+    batch_arr = sharding.make_global_batch(local, mesh)
     rng = jax.random.key(1)
     t0 = time.perf_counter()
     compiled = step.lower(state, batch_arr, rng).compile()

@@ -34,6 +34,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from ppfr_jax.errors import PpfrError
+
 _SEQ_INDEX = re.compile(r"\.(\d+)(?=\.|$)")
 
 _SUFFIX = {
@@ -49,7 +51,7 @@ _SUFFIX = {
 DEFAULT_IGNORE = (re.compile(r"(^|\.)num_batches_tracked$"),)
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(PpfrError, ValueError):
     """A state_dict does not fit the model: the message names every offending key."""
 
 
@@ -231,7 +233,7 @@ MODEL_REGISTRY: dict[str, ImportSpec] = {
 }
 
 
-class UnknownModelError(LookupError):
+class UnknownModelError(PpfrError, LookupError):
     """``--model`` names no registry entry, or its module/class is not available."""
 
 

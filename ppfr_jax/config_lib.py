@@ -15,6 +15,8 @@ import pathlib
 import ml_collections
 import numpy as np
 
+from ppfr_jax.errors import PpfrError
+
 BACKBONES = ("ir18", "ir34", "ir50", "ir100", "irse50", "ir_tiny", "mobilefacenet", "mobilefacenet_tiny")
 INPUTS = ("rgb", "dct")
 HEADS = ("arcface", "cosface", "curricularface")
@@ -98,7 +100,7 @@ def _exists(path: str) -> bool:
     return "://" in str(path) or os.path.exists(path)
 
 
-class ConfigError(ValueError):
+class ConfigError(PpfrError, ValueError):
     """A config value is unusable; the message starts with ``config.<field>:``."""
 
 

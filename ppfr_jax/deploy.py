@@ -67,7 +67,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ppfr_jax import config_lib, frequency, image_io, safe_npz
+from ppfr_jax import checkpoints, config_lib, frequency, image_io, safe_npz
+from ppfr_jax.errors import PpfrError
 
 METHODS = ("duetface", "minusface")
 TASK_METHOD = {"duetface": "duetface", "minusface_stage2": "minusface"}
@@ -82,7 +83,7 @@ DEFAULT_THRESHOLD = 0.3
 MAX_PROTECTED_BYTES = 64 << 20
 
 
-class DeployError(ValueError):
+class DeployError(PpfrError, ValueError):
     """A deployment input (run, config, image, protected file) is unusable; the message names it."""
 
 
@@ -397,7 +398,7 @@ def load_deployment(workdir: str | None = None, *, config: ml_collections.Config
 
     Args:
       workdir: a finished (or checkpointed) DuetFace server / MinusFace stage-2 run;
-        its config comes from the run (``train.load_config``) unless ``config`` is given.
+        its config comes from the run (``checkpoints.load_run_config``) unless ``config`` is given.
       config: a ConfigDict or ``'configs/x.py:variant'``; with ``untrained=True``
         the weights are a fresh init from ``seed`` (smoke tests: the numbers mean nothing).
       step: checkpoint step (default: latest).
@@ -409,14 +410,13 @@ def load_deployment(workdir: str | None = None, *, config: ml_collections.Config
         config = config_lib.load_config_spec(config, error=DeployError)
     variables = None
     if workdir:
-        from ppfr_jax import train
         if config is None:
             try:
-                config = train.load_config(workdir)
+                config = checkpoints.load_run_config(workdir)
             except (FileNotFoundError, ValueError) as e:
                 raise DeployError(f"--workdir {workdir}: {e}") from None
         try:
-            variables, step = train.restore_variables(workdir, step)
+            variables, step = checkpoints.restore_variables(workdir, step)
         except FileNotFoundError as e:
             raise DeployError(f"--workdir {workdir}: {e}") from None
         source = f"{os.path.abspath(workdir)} (step {step})"

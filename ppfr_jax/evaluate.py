@@ -42,11 +42,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ppfr_jax import align, image_io, safe_npz, safe_pickle
+from ppfr_jax.errors import PpfrError
 
 THRESHOLDS = np.arange(0, 4, 0.01)
 
 
-class BadInputError(ValueError):
+class BadInputError(PpfrError, ValueError):
     """An evaluation input (pairs line, image, .bin) is unusable; the message names it."""
 
 
@@ -618,11 +619,11 @@ def _load_ppfr_workdir(checkpoint: str) -> Recognizer:
     DuetFace embeds through client + server, MinusFace stage 2 through protect +
     recognize (``task.embed``), as the training run's DevTest evaluation does.
     """
-    from ppfr_jax import train  # no TensorFlow: the engine core imports without it
+    from ppfr_jax import methods  # no TensorFlow: the model core imports without it
 
     if not os.path.isdir(checkpoint) and "://" not in checkpoint:
         raise FileNotFoundError(f"--checkpoint {checkpoint!r}: not a directory (a ppfr_jax training workdir)")
-    task, variables, step = train.load_for_inference(checkpoint)
+    task, variables, step = methods.load_for_inference(checkpoint)
     print(f"{checkpoint}: task {task.config.task}, checkpoint of step {step}")
     flip = "sum" if task.config.eval.get("flip", True) else None
     return Recognizer(apply_fn=lambda x: task.embed(variables, x), preprocess=lambda x: x, input_hw=(112, 112),

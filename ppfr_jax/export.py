@@ -62,6 +62,7 @@ import jax
 import numpy as np
 
 from ppfr_jax import deploy
+from ppfr_jax.errors import PpfrError
 
 TOLERANCE = 1e-4
 _INSTALL_HINT = "ONNX export needs jax2onnx, onnx and onnxruntime: pip install 'ppfr_jax[export]'"
@@ -171,7 +172,7 @@ def compare(dep: deploy.Deployment, client: OnnxClient, batch_sizes: Sequence[in
     return report
 
 
-class ExportMismatchError(AssertionError):
+class ExportMismatchError(PpfrError, AssertionError):
     """The exported client disagrees with the JAX client beyond the float tolerance."""
 
 

@@ -49,6 +49,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
+from ppfr_jax.errors import PpfrError
+
 __all__ = ["EXTENSIONS", "ImageDecodeError", "MAX_PIXELS", "decode_rgb", "image_size", "pil_to_rgb"]
 
 # File names the folder readers (training folders, ppfr-protect, ppfr-align) take as images.
@@ -63,7 +65,7 @@ _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 _TO_RGB = ("RGB", "L", "1", "RGBA", "RGBX", "RGBa", "LA", "La", "P", "PA", "CMYK", "YCbCr")
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(PpfrError, ValueError):
     """An image cannot be used (unreadable, unsupported, too large, wrong size); the message names it."""
 
 

@@ -64,6 +64,7 @@ import numpy as np
 import tensorflow as tf
 
 from ppfr_jax import image_io, safe_npz
+from ppfr_jax.errors import PpfrError
 
 # The input pipeline runs on the host CPU; TensorFlow must not claim accelerators JAX owns.
 try:
@@ -80,7 +81,7 @@ MAX_LABEL = 2 ** 31 - 1  # labels are int32 on the device
 LANDMARK_RANGE = (-1.0, 2.0)
 
 
-class BadRecordError(ValueError):
+class BadRecordError(PpfrError, ValueError):
     """A training record cannot be used; the message names the file and line/offset."""
 
 

@@ -17,23 +17,23 @@ flags.mark_flags_as_required(["config", "workdir"])
 def _main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from ppfr_jax import config_lib, train
+    from ppfr_jax import errors, train
     logging.set_verbosity(logging.WARNING)
     try:
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except config_lib.ConfigError as e:
-        # a bad setting is the user's to fix: one line, no traceback
+    except errors.NonFiniteLossError as e:
         print(f"ppfr-train: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except train.RunError as e:
+        sys.exit(1)
+    except errors.RunError as e:
         print(f"ppfr-train: error: {e}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         # at once: after a failed save, Orbax's background threads could hold the interpreter's exit for their
         # 300 s timeout; the lock goes with the process, everything else was closed by train_and_evaluate
         os._exit(2)
-    except train.NonFiniteLossError as e:
+    except errors.PpfrError as e:
+        # a bad setting is the user's to fix: one line, no traceback
         print(f"ppfr-train: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        sys.exit(2)
 
 
 def run():

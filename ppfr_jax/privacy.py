@@ -91,7 +91,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ppfr_jax import frequency, tasks
+from ppfr_jax import checkpoints, data, frequency, tasks
 
 PSNR_CAP = 100.0
 ROWS = ("raw", "duetface", "minusface", "minusface_fixed_theta")
@@ -313,7 +313,7 @@ def load_duetface(config, rng) -> Representation:
     want = jax.eval_shape(init, jax.random.key(0), x_client, r)
     how = d.get("command", "") or "python -m ppfr_jax.main --config configs/duetface.py:server,demo " \
                                    "--workdir runs/duetface_server_demo"
-    restored = _restore_run(config, "duetface", "duetface_workdir", duetface.restore_engine_variables, how)
+    restored = _restore_run(config, "duetface", "duetface_workdir", checkpoints.restore_variables, how)
     if restored is None:
         variables = jax.jit(lambda k, *a: init(_init_key(k), *a))(rng, jnp.zeros(x_client.shape), jnp.zeros(r.shape))
         source = "untrained"
@@ -690,9 +690,7 @@ def _representations(config, rng, log) -> tuple[list[tuple[Representation, list]
 
 
 def _train_batches(config, batch_size: int):
-    from ppfr_jax import train
-
-    it, _, _ = train.train_source(config, batch_size, 0)
+    it, _, _ = data.train_source(config, batch_size, 0)
     return it
 
 

@@ -42,17 +42,19 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from ppfr_jax.errors import PpfrError
+
 MAX_OPCODES = 4_000_000  # a torch state_dict uses ~30 per tensor; ~400 MB of Python objects at most
 MAX_DEPTH = 256  # nesting of containers; Python's recursion limit (1000) stays out of reach downstream
 MAX_HASHED_INT = 1 << 60
 _PLAIN_KINDS = "biufc"  # bool, signed, unsigned, float, complex
 
 
-class UnsafePickleError(pickle.UnpicklingError):
+class UnsafePickleError(PpfrError, pickle.UnpicklingError):
     """The pickle asks for something outside the rules (a global, a state, an opcode)."""
 
 
-class PickleReadError(ValueError):
+class PickleReadError(PpfrError, ValueError):
     """The pickle is malformed or over a limit."""
 
 

@@ -16,8 +16,7 @@ for ArcFace-FD); DuetFace and MinusFace subclass it.
 """
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -134,17 +133,3 @@ class RecognitionTask:
     def decays(self, path: tuple[str, ...]) -> bool:
         """Weight decay on conv/linear kernels only (not BatchNorm, PReLU or biases)."""
         return path[-1] == "kernel"
-
-
-def make_task(config, num_classes: int, padded_classes: int | None = None) -> RecognitionTask:
-    name = config.get("task", "arcface")
-    if name not in TASKS:
-        # tasks living in other modules register on import
-        for mod in ("ppfr_jax.models.duetface", "ppfr_jax.models.minusface"):
-            try:
-                __import__(mod)
-            except ImportError:
-                pass
-    if name not in TASKS:
-        raise ValueError(f"config.task: unknown task {name!r}; known: {sorted(TASKS)}")
-    return TASKS[name](config, num_classes, padded_classes)

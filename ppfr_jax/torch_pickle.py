@@ -49,6 +49,7 @@ import ml_dtypes
 import numpy as np
 
 from ppfr_jax import safe_pickle
+from ppfr_jax.errors import PpfrError
 
 __all__ = [
     "CheckpointReadError",
@@ -65,7 +66,7 @@ MAX_INFLATION = 64  # decompressed bytes per byte of file (torch writes members 
 _SLACK = 16 << 20  # tensors may exceed their storages by this much (small expanded views)
 
 
-class CheckpointReadError(ValueError):
+class CheckpointReadError(PpfrError, ValueError):
     """The file is not a readable PyTorch checkpoint (truncated, corrupt, unsupported)."""
 
 

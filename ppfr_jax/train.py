@@ -34,14 +34,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
-import math
-import os
-import shutil
-import socket
-import sys
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import flax
 import jax
@@ -52,18 +48,14 @@ import optax
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ppfr_jax import config_lib, tasks
-
-CLASS_PAD = 128  # head width is a multiple of this (and of the device count): restores across meshes
-
-
-class NonFiniteLossError(FloatingPointError):
-    """An update made the loss, gradients or the new state non-finite; it was not applied or saved."""
-
-
-class RunError(RuntimeError):
-    """The run cannot start or go on (workdir in use, checkpoint unwritable or unreadable); names the path."""
-
+from ppfr_jax import config_lib, data, methods
+from ppfr_jax.checkpoints import (_short, all_finite, check_writable, checkpoint_manager, checkpoint_steps,
+                                  probe_write, quarantine, restore_newest_intact, save_checkpoint, workdir_lock,
+                                  workdir_path)
+from ppfr_jax.errors import NonFiniteLossError, RunError
+from ppfr_jax.optim import make_optimizer, make_schedule, steps_per_epoch
+from ppfr_jax.sharding import (batch_sharding, create_mesh, global_batch_size, make_global_batch,
+                               maybe_initialize_distributed, padded_num_classes, state_shardings)
 
 @flax.struct.dataclass
 class TrainState:
@@ -74,112 +66,8 @@ class TrainState:
     bad_step: jax.Array  # -1, or the first step whose loss/gradients were not finite
 
 
-# ----------------------------------------------------------------------------- distributed set-up
 
 
-def maybe_initialize_distributed() -> None:
-    """``jax.distributed.initialize()`` when the launcher says we are one of several processes."""
-    env = os.environ
-    multi = (env.get("JAX_COORDINATOR_ADDRESS") or env.get("COORDINATOR_ADDRESS")
-             or int(env.get("SLURM_NTASKS", "1")) > 1 or env.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0
-             or int(env.get("JAX_NUM_PROCESSES", "1")) > 1)
-    if multi and not jax.distributed.is_initialized():
-        kw = {}
-        if env.get("JAX_COORDINATOR_ADDRESS"):
-            kw = dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
-                      num_processes=int(env["JAX_NUM_PROCESSES"]), process_id=int(env["JAX_PROCESS_ID"]))
-        jax.distributed.initialize(**kw)
-
-
-def workdir_path(workdir: str):
-    """An ``etils.epath.Path`` for a local directory (made absolute) or a URL such as ``gs://bucket/run``.
-
-    Orbax, clu's writers and ``results.json`` all go through it, so a TPU pod can
-    write straight to Cloud Storage.
-    """
-    from etils import epath
-    return epath.Path(workdir if "://" in str(workdir) else os.path.abspath(workdir))
-
-
-def create_mesh(config) -> Mesh:
-    devices = np.asarray(jax.devices())
-    model = max(int(config.mesh.get("model", 1)), 1)
-    if devices.size % model:
-        raise ValueError(f"config.mesh.model: {model} does not divide the {devices.size} devices")
-    return Mesh(devices.reshape(devices.size // model, model), ("data", "model"))
-
-
-def padded_num_classes(num_classes: int, num_devices: int) -> int:
-    mult = math.lcm(CLASS_PAD, num_devices)
-    return -(-num_classes // mult) * mult
-
-
-def state_shardings(abstract_state, mesh: Mesh):
-    """Head kernels (and their optimiser traces) sharded by class; everything else replicated."""
-    def rule(path, leaf):
-        names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-        if "head" in names and names and names[-1] == "kernel" and getattr(leaf, "ndim", 0) == 2:
-            return NamedSharding(mesh, P(None, ("data", "model")))
-        return NamedSharding(mesh, P())
-    return jax.tree_util.tree_map_with_path(rule, abstract_state)
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P("data"))
-
-
-def make_global_batch(local: dict, mesh: Mesh) -> dict:
-    """Per-host numpy batch -> global ``jax.Array``s sharded on the data axis."""
-    sh = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sh, np.asarray(v)) for k, v in local.items()}
-
-
-# ----------------------------------------------------------------------------- optimiser
-
-
-def steps_per_epoch(config, dataset_size: int, global_batch: int) -> int:
-    if config.get("steps_per_epoch", 0):
-        return int(config.steps_per_epoch)
-    return max(1, dataset_size // global_batch)
-
-
-def make_schedule(config, spe: int) -> optax.Schedule:
-    o = config.optim
-    boundaries = {int(round(e * spe)): o.decay_factor for e in o.boundaries_epochs if e * spe > 0}
-    main = optax.piecewise_constant_schedule(o.lr, boundaries)
-    warm = int(round(o.get("warmup_epochs", 0.0) * spe))
-    if warm <= 0:
-        return main
-    return optax.join_schedules([optax.linear_schedule(0.0, o.lr, warm), lambda s: main(s + warm)], [warm])
-
-
-def path_names(path) -> tuple[str, ...]:
-    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-
-
-def make_optimizer(config, task, params, schedule) -> optax.GradientTransformation:
-    """SGD + momentum, weight decay masked to kernels, per-group LR multipliers, optional clipping."""
-    o = config.optim
-    mults = dict(o.get("lr_multipliers", {}) or {})
-    labels = jax.tree_util.tree_map_with_path(lambda p, _: task.param_group(path_names(p)), params)
-    decay_mask = jax.tree_util.tree_map_with_path(lambda p, _: task.decays(path_names(p)), params)
-
-    def sgd(mult):
-        sched = (lambda s: schedule(s) * mult) if mult != 1.0 else schedule
-        return optax.chain(optax.add_decayed_weights(o.weight_decay, decay_mask),
-                           optax.sgd(sched, momentum=o.momentum or None, nesterov=o.get("nesterov", False)))
-
-    groups = {"default": sgd(1.0), "frozen": optax.set_to_zero()}
-    for name, mult in mults.items():
-        groups[name] = sgd(float(mult))
-    used = set(jax.tree.leaves(labels))
-    unknown = used - set(groups)
-    if unknown:
-        raise ValueError(f"config.optim.lr_multipliers: no entry for parameter group(s) {sorted(unknown)}")
-    tx = optax.multi_transform(groups, labels)
-    if o.get("grad_clip_norm", 0.0):
-        tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
-    return tx
 
 
 # ----------------------------------------------------------------------------- step
@@ -192,11 +80,6 @@ def create_train_state(task, tx, rng, example_batch) -> TrainState:
                       opt_state=tx.init(params), bad_step=jnp.full((), -1, jnp.int32))
 
 
-def all_finite(tree) -> jax.Array:
-    """True when every floating-point leaf of ``tree`` is finite (a scalar bool array)."""
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-              if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
 def train_step(state: TrainState, batch, rng, *, task, tx, schedule):
@@ -227,32 +110,6 @@ def train_step(state: TrainState, batch, rng, *, task, tx, schedule):
 
 
 # ----------------------------------------------------------------------------- data
-
-
-def synthetic_batches(config, global_batch: int, start_step: int, num_classes: int) -> Iterator[dict]:
-    """Deterministic random batches (tests, benchmarks): batch k depends only on (seed, k).
-
-    Each host yields its slice of the same global batch, so the training run does not
-    depend on how many processes share it.
-    """
-    local = global_batch // jax.process_count()
-    lo = jax.process_index() * local
-    step = start_step
-    while True:
-        rng = np.random.default_rng([config.seed, step])
-        images = rng.integers(0, 256, (global_batch, 112, 112, 3), dtype=np.uint8)
-        labels = rng.integers(0, num_classes, (global_batch,), dtype=np.int32)
-        yield {"image": images[lo:lo + local], "label": labels[lo:lo + local]}
-        step += 1
-
-
-def train_source(config, global_batch: int, start_step: int):
-    """-> (iterator of per-host numpy batches, num_classes, dataset_size)."""
-    if config.data.source == "synthetic":
-        n = int(config.data.num_classes)
-        return synthetic_batches(config, global_batch, start_step, n), n, max(global_batch * 10, 1)
-    from ppfr_jax import input_pipeline  # TensorFlow enters here only
-    return input_pipeline.train_source(config, global_batch, start_step)
 
 
 def eval_source(config):
@@ -298,237 +155,6 @@ def run_verification(embed, variables, images, issame, mesh, batch_size) -> dict
             "threshold": float(np.mean(res["best_thresholds"]))}
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def checkpoint_manager(workdir: str, config):
-    import orbax.checkpoint as ocp
-    from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
-    # at least the latest: no setting may delete the only checkpoint (validate refuses 0 as well)
-    policies = [pp.LatestN(max(1, int(config.get("keep_checkpoints", 3))))]
-    if int(config.get("keep_best", 1)) > 0:
-        policies.append(pp.BestN(get_metric_fn=lambda m: m["devtest_accuracy"], reverse=False,
-                                 n=int(config.keep_best), keep_checkpoints_without_metrics=False))
-    opts = ocp.CheckpointManagerOptions(preservation_policy=pp.AnyPreservationPolicy(policies),
-                                        enable_async_checkpointing=True, create=True)
-    return ocp.CheckpointManager(workdir_path(workdir) / "checkpoints", options=opts)
-
-
-def save_checkpoint(mngr, state, meta: dict, metrics: dict | None = None):
-    import orbax.checkpoint as ocp
-    step = int(jax.device_get(state.step))
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-              metrics=metrics, force=True)
-
-
-def restore_checkpoint(mngr, abstract_state, step=None, *, repad: bool = False):
-    """-> ``(state, meta)`` of ``step`` (default: the latest) onto ``abstract_state``'s shapes and shardings.
-
-    ``mngr``: a CheckpointManager, or an Orbax ``Checkpointer`` with ``step`` the
-    checkpoint's folder. ``repad``: allow leaves whose stored shape differs
-    (zero-padded or truncated to the target): only for the head's padded class
-    axis, see :func:`check_checkpoint_matches`.
-    """
-    import orbax.checkpoint as ocp
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state, strict=not repad),
-                              meta=ocp.args.JsonRestore())
-    if isinstance(mngr, ocp.CheckpointManager):
-        out = mngr.restore(mngr.latest_step() if step is None else step, args=args)
-    else:
-        out = mngr.restore(step, args=args)
-    return out["state"], out["meta"]
-
-
-class CheckpointMismatch(RunError):
-    """The workdir's checkpoints are of another model or dataset than this config (not damage)."""
-
-
-def _leaf_name(path) -> str:
-    return ".".join(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))) for k in path)
-
-
-def check_checkpoint_matches(step_dir, abstract_state, num_classes: int) -> bool:
-    """Compare a checkpoint's stored shapes with the model's; -> True when the head must be re-padded.
-
-    Only the head's class axis (padded to a multiple of the device count, see
-    :func:`padded_num_classes`) may differ, and only in its padding: both widths
-    must hold ``num_classes``. Raises CheckpointMismatch for anything else, and
-    whatever Orbax raises for an unreadable checkpoint.
-    """
-    import orbax.checkpoint as ocp
-    tree = ocp.StandardCheckpointHandler().metadata(step_dir / "state").tree
-    stored = {getattr(m, "name", None): tuple(m.shape) for m in jax.tree.leaves(tree) if hasattr(m, "shape")}
-    want = {_leaf_name(p): tuple(l.shape) for p, l in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
-    missing, extra = sorted(set(want) - set(stored)), sorted(set(stored) - set(want))
-    if missing or extra:
-        raise CheckpointMismatch(
-            f"{step_dir} holds another model: {len(missing)} variable(s) of this config are not in it "
-            f"(e.g. {missing[:2]}), {len(extra)} of its are not in this config (e.g. {extra[:2]}); "
-            f"use a new workdir for a different model")
-    repad = False
-    for name, shape in want.items():
-        got = stored[name]
-        if got == shape:
-            continue
-        head_axis = ("head" in name.split(".") and len(got) == len(shape) and got[:-1] == shape[:-1]
-                     and min(got[-1], shape[-1]) >= num_classes)
-        if not head_axis:
-            raise CheckpointMismatch(f"{step_dir}: {name} has shape {got}, this config needs {shape}; use a new "
-                                     f"workdir for a different model")
-        repad = True
-    return repad
-
-
-# ----------------------------------------------------------------------------- run safety
-
-LOCK_FILE = ".ppfr_run.lock"
-DAMAGED_DIR = "damaged_checkpoints"
-
-
-@contextlib.contextmanager
-def workdir_lock(workdir: str):
-    """Hold ``<workdir>/.ppfr_run.lock`` exclusively for the whole run (process 0; local workdirs).
-
-    ``fcntl.flock`` on an open file: the kernel releases it when the process
-    ends, however it ends (SIGKILL, OOM kill, power loss of a container), so a
-    dead run never blocks the next one and there is no stale lock to remove.
-    The file records who holds it (pid, host, start time, command).
-
-    Raises:
-      RunError naming the other run when the workdir is in use.
-    """
-    if jax.process_index() != 0 or "://" in str(workdir):
-        # other processes of this run share process 0's lock; object stores (gs://) have no flock
-        yield
-        return
-    import fcntl
-    path = os.path.join(os.path.abspath(workdir), LOCK_FILE)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        try:
-            other = json.loads(os.pread(fd, 65536, 0).decode() or "{}")
-            who = (f"pid {other.get('pid')} on {other.get('host')}, started {other.get('started')}: "
-                   f"{' '.join(other.get('argv', []))[:200]}")
-        except (OSError, ValueError):
-            who = "unknown"
-        os.close(fd)
-        raise RunError(f"workdir {workdir} is in use by another run ({who}); one run per workdir at a time: wait "
-                       f"for it to finish, or use another --workdir (lock: {path})") from None
-    try:
-        info = {"pid": os.getpid(), "host": socket.gethostname(),
-                "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "argv": sys.argv}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode(), 0)
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)
-        os.close(fd)  # releases the lock; the file stays (removing it would race with a waiting run)
-
-
-def probe_write(folder) -> None:
-    """Create and remove a file and a folder in ``folder`` (what a checkpoint save starts with). Raises OSError."""
-    tag = f".write_probe-{socket.gethostname()}-{os.getpid()}-{jax.process_index()}"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / tag).write_text("")
-    (folder / tag).unlink()
-    (folder / (tag + ".d")).mkdir()
-    (folder / (tag + ".d")).rmdir()
-
-
-def check_writable(folder) -> None:
-    """:func:`probe_write` before the first step. Raises RunError naming the folder."""
-    try:
-        probe_write(folder)
-    except OSError as e:
-        raise RunError(f"checkpoint folder {folder} is not writable ({e.strerror or e}); nothing was trained: "
-                       f"fix its permissions or space, or use another --workdir") from None
-
-
-def checkpoint_steps(workdir: str) -> list[int]:
-    """Steps of the checkpoint folders under ``<workdir>/checkpoints`` (any state), ascending."""
-    root = workdir_path(workdir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted(int(d.name) for d in root.iterdir() if d.name.isdigit())
-
-
-def _short(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:300] if text else ''}"
-
-
-def restore_newest_intact(workdir: str, setup: Setup, num_classes: int, log=print):
-    """Restore the newest checkpoint that reads back whole and finite.
-
-    Every newer one that fails (missing items, unreadable or damaged files, bad
-    metadata, non-finite values) is skipped with its reason. A checkpoint of
-    another model (CheckpointMismatch) is not damage: it stops the run.
-
-    Returns:
-      ``(state, meta, step, skipped)``; ``state`` None when there is no
-      checkpoint at all; ``skipped`` [(step, reason)], newest first.
-    Raises:
-      RunError when checkpoints exist but none is intact (names them), CheckpointMismatch.
-    """
-    import orbax.checkpoint as ocp
-    steps = checkpoint_steps(workdir)
-    if not steps:
-        return None, None, 0, []
-    root = workdir_path(workdir) / "checkpoints"
-    skipped: list[tuple[int, str]] = []
-    ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())  # reads one folder; no manager bookkeeping
-    try:
-        for step in reversed(steps):
-            try:
-                repad = check_checkpoint_matches(root / str(step), setup.abstract_state, num_classes)
-                state, meta = restore_checkpoint(ckptr, setup.abstract_state, root / str(step), repad=repad)
-                if not isinstance(meta, dict) or int(meta.get("step", -1)) != step:
-                    raise ValueError(f"its metadata names step {meta.get('step') if isinstance(meta, dict) else meta}")
-                if int(meta.get("num_classes", num_classes)) != num_classes:
-                    raise CheckpointMismatch(f"{root / str(step)} was trained on {meta['num_classes']} classes, the "
-                                             f"data now has {num_classes}; use a new workdir for another dataset")
-                if int(jax.device_get(state.step)) != step:
-                    raise ValueError(f"its state is at step {int(jax.device_get(state.step))}")
-                if not bool(jax.device_get(jax.jit(all_finite)((state.params, state.opt_state, state.model_state)))):
-                    raise ValueError("non-finite values in its parameters or optimiser state")
-                return state, meta, step, skipped
-            except (CheckpointMismatch, MemoryError, TimeoutError, ConnectionError, InterruptedError):
-                # not damage: another model, or a passing failure of this host / its storage. Falling
-                # back would move a good newer checkpoint aside and silently drop its progress.
-                raise
-            except Exception as e:  # noqa: BLE001  (Orbax / tensorstore / JSON: any other failure means damage)
-                skipped.append((step, _short(e)))
-                log(f"checkpoint {root / str(step)} is unusable ({_short(e)}); trying the previous one")
-    finally:
-        ckptr.close()
-    raise RunError(f"no intact checkpoint under {root}: " + "; ".join(f"step {s}: {r}" for s, r in skipped)
-                   + ". Move or delete them to start afresh.")
-
-
-def quarantine(workdir: str, steps: list[int], log=print) -> None:
-    """Move damaged checkpoint folders out of Orbax's way to ``<workdir>/damaged_checkpoints`` (process 0)."""
-    if steps and jax.process_index() == 0:
-        root = workdir_path(workdir)
-        dest_root = root / DAMAGED_DIR
-        dest_root.mkdir(parents=True, exist_ok=True)
-        for s in steps:
-            src = root / "checkpoints" / str(s)
-            dest = dest_root / f"{s}-{time.strftime('%Y%m%d-%H%M%S')}"
-            n = 1
-            while dest.exists():
-                dest = dest_root / f"{s}-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
-                n += 1
-            try:
-                shutil.move(os.fspath(src), os.fspath(dest))
-            except OSError as e:
-                raise RunError(f"cannot move damaged checkpoint {src} aside ({e}); move or delete it") from None
-            log(f"moved damaged checkpoint {src} to {dest}")
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices("ppfr_quarantine")
 
 
 def _finished_results(workdir: str, config, step: int, setup: Setup, state, mesh) -> dict:
@@ -598,12 +224,6 @@ class Setup:
     num_steps: int
 
 
-def global_batch_size(config, mesh) -> int:
-    gb = int(config.batch_size) if config.get("batch_size", 0) else int(config.batch_size_per_device) * mesh.size
-    if gb % mesh.devices.shape[0] or gb % jax.process_count():
-        raise ValueError(f"config.batch_size: global batch {gb} is not divisible by the {mesh.devices.shape[0]} "
-                         f"data-parallel devices / {jax.process_count()} processes")
-    return gb
 
 
 def build(config, num_classes: int, dataset_size: int, mesh: Mesh | None = None) -> Setup:
@@ -612,7 +232,7 @@ def build(config, num_classes: int, dataset_size: int, mesh: Mesh | None = None)
     gb = global_batch_size(config, mesh)
     spe = steps_per_epoch(config, dataset_size, gb)
     num_steps = int(config.num_train_steps) if config.get("num_train_steps", 0) else int(round(config.num_epochs * spe))
-    task = tasks.make_task(config, num_classes, padded_num_classes(num_classes, mesh.size))
+    task = methods.make_task(config, num_classes, padded_num_classes(num_classes, mesh.size))
     schedule = make_schedule(config, spe)
     example = {"image": jnp.zeros((2, 112, 112, 3), jnp.uint8), "label": jnp.zeros((2,), jnp.int32)}
     abstract_vars = jax.eval_shape(lambda r: task.init(r, example["image"], example["label"]), jax.random.key(0))
@@ -631,7 +251,6 @@ def init_state(setup: Setup, rng) -> TrainState:
 
 
 def compile_train_step(setup: Setup):
-    import functools
     step = functools.partial(train_step, task=setup.task, tx=setup.tx, schedule=setup.schedule)
     bs = batch_sharding(setup.mesh)
     rep = NamedSharding(setup.mesh, P())
@@ -643,69 +262,6 @@ def _variables(state: TrainState) -> dict:
     return {"params": state.params, **state.model_state}
 
 
-def restore_variables(workdir: str, step: int | None = None) -> tuple[dict, int]:
-    """Params and model state of an engine checkpoint in ``workdir``, as numpy: ``(variables, step)``.
-
-    Reads ``<workdir>/checkpoints/<step>/state`` (``train.save_checkpoint``'s
-    layout: a ``TrainState`` with ``params`` and ``model_state``) without its
-    optimiser state and without building the run that wrote it: the arrays
-    come back unsharded, whatever mesh saved them. ``step=None``: the latest.
-
-    Used by the stages that freeze another run's weights (DuetFace's client,
-    MinusFace's generator) and by tools that only need the model.
-
-    Raises:
-      FileNotFoundError if there is no checkpoint.
-    """
-    import orbax.checkpoint as ocp
-
-    root = workdir_path(workdir) / "checkpoints"
-    steps = sorted(int(d.name) for d in root.iterdir() if d.name.isdigit()) if root.is_dir() else []
-    steps = [s for s in steps if (root / str(s) / "state").is_dir()]
-    if not steps:
-        raise FileNotFoundError(f"no checkpoint under {root}")
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise FileNotFoundError(f"no checkpoint of step {step} under {root} (found steps {steps})")
-    path = root / str(step) / "state"
-    tree = ocp.StandardCheckpointHandler().metadata(path).tree  # the item, without step metadata
-    wanted = {k: tree[k] for k in ("params", "model_state") if k in tree}
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), wanted)
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-    out = ocp.PyTreeCheckpointer().restore(
-        path, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True))
-    return {"params": out["params"], **out.get("model_state", {})}, step
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config a run was started with: ``<workdir>/config.json`` (written at start) or ``results.json``."""
-    wd = workdir_path(workdir)
-    for name, key in (("config.json", None), ("results.json", "config")):
-        f = wd / name
-        if f.exists():
-            try:
-                d = json.loads(f.read_text())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{f}: not valid JSON ({e})") from None
-            return ml_collections.ConfigDict(d[key] if key else d)
-    raise FileNotFoundError(f"{wd}: neither config.json nor results.json; is it a ppfr_jax training workdir?")
-
-
-def load_for_inference(workdir: str, step: int | None = None):
-    """-> ``(task, variables, step)`` of a trained run, for embedding / protecting / serving.
-
-    Rebuilds the task from the run's saved config and restores params and model
-    state (no optimiser state) from its latest (or ``step``) checkpoint, as numpy.
-    ``task.embed(variables, images)`` then gives the run's verification embeddings.
-    """
-    config = load_config(workdir)
-    variables, step = restore_variables(workdir, step)
-    head = variables["params"].get("head", {})
-    kernel = next((v for v in jax.tree.leaves(head) if getattr(v, "ndim", 0) == 2), None)
-    classes = int(kernel.shape[-1]) if kernel is not None else 1
-    task = tasks.make_task(config, classes, classes)
-    return task, variables, step
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -729,7 +285,7 @@ def _reposition(batches, config, gb: int, step: int):
     if hasattr(batches, "step") and getattr(batches, "_it", None) is None:  # a TrainIterator not yet started
         batches.step = int(step)
         return batches
-    return train_source(config, gb, step)[0]
+    return data.train_source(config, gb, step)[0]
 
 
 def _train_locked(config, workdir: str) -> dict:
@@ -742,11 +298,11 @@ def _train_locked(config, workdir: str) -> dict:
 
     # data first: the number of classes and the epoch size come from it
     candidates = checkpoint_steps(workdir)
-    batches, num_classes, dataset_size = train_source(config, gb, candidates[-1] if candidates else 0)
+    batches, num_classes, dataset_size = data.train_source(config, gb, candidates[-1] if candidates else 0)
     setup = build(config, num_classes, dataset_size, mesh)
     rng = jax.random.key(config.seed)
     log = (lambda m: print(m, flush=True)) if jax.process_index() == 0 else (lambda m: None)
-    state, _, resume_step, skipped = restore_newest_intact(workdir, setup, num_classes, log)
+    state, _, resume_step, skipped = restore_newest_intact(workdir, setup.abstract_state, num_classes, log)
     if skipped:
         quarantine(workdir, [s for s, _ in skipped], log)
         log(f"resuming from step {resume_step} ({ckdir / str(resume_step)}); skipped damaged checkpoint(s): "

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import golden_state_dict, load_golden, suggested_atol
-from ppfr_jax import frequency, roi, tasks, train
+from ppfr_jax import frequency, methods, roi, train
 from ppfr_jax.models import duetface, pfld
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -249,7 +249,7 @@ def test_two_stage_run_keeps_client_frozen(two_stage):
 @pytest.mark.slow  # shares one two-stage run (~1-2 min on 2 cores)
 def test_deployment_split_sends_only_server_channels_and_masks(two_stage):
     _, server_wd, config = two_stage
-    task = tasks.make_task(config, 10, 128)
+    task = methods.make_task(config, 10, 128)
     variables, _ = duetface.restore_engine_variables(server_wd)
     images = np.random.default_rng(0).integers(0, 256, (4, 112, 112, 3), dtype=np.uint8)
 
@@ -280,7 +280,7 @@ def test_roi_sources(two_stage, tmp_path):
     with ocp.StandardCheckpointer() as ck:
         ck.save(str(tmp_path / "pfld"), pv)
     c = duetface_config.get_config(f"server,tiny,client_workdir={client_wd},roi=pfld,pfld={tmp_path / 'pfld'}")
-    task = tasks.make_task(c, 10, 128)
+    task = methods.make_task(c, 10, 128)
     x = jax.random.uniform(jax.random.key(0), (2, 112, 112, 3), minval=-1, maxval=1)
     got = jax.jit(functools.partial(task.roi_mask, source="pfld"))({"frozen": task.frozen}, x)
     _, lm = pfld.PFLDInference().apply(pv, x * 0.5 + 0.5)
@@ -288,7 +288,7 @@ def test_roi_sources(two_stage, tmp_path):
 
     # 'dataset' reads batch['landmarks'] and says what to do when there are none
     c = duetface_config.get_config(f"server,tiny,client_workdir={client_wd},roi=dataset")
-    task = tasks.make_task(c, 10, 128)
+    task = methods.make_task(c, 10, 128)
     assert task.eval_roi_source == "template"  # verification sets carry no landmarks
     g = load_golden("landmark_roi")
     np.testing.assert_array_equal(task.roi_mask({}, x, g["landmarks"]), g["mask"][:, 0])

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ppfr_jax import deploy, frequency
+from ppfr_jax import checkpoints, deploy, frequency
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
@@ -416,7 +416,7 @@ def test_workdir_export_protect_verify(method, faces, tmp_path, capsys):
         deploy.load_deployment(first)  # stage 1 / the warm-up alone is not a client/server split
     dep = deploy.load_deployment(second, method=method)
     assert dep.step == 2 and dep.task == ("duetface" if method == "duetface" else "minusface_stage2")
-    variables, _ = train.restore_variables(second)
+    variables, _ = checkpoints.restore_variables(second)
     if method == "minusface":  # the client is the run's frozen generator, the server its recogniser
         jax.tree.map(np.testing.assert_array_equal, dep.client_variables["params"]["generator"],
                      variables["params"]["generator"])

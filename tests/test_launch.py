@@ -4,7 +4,7 @@ Printed commands are parsed back with shlex (they are meant to be copy-pasted), 
 snippets that run on the remote side (a TPU worker's ssh command, a SLURM task's wrapper)
 are executed here with fake ``curl`` / ``python3`` / ``scontrol`` so their quoting and
 environment handling are checked, not just their text. The SLURM task wrapper is also run
-for real in two local processes against ``train.maybe_initialize_distributed``.
+for real in two local processes against ``sharding.maybe_initialize_distributed``.
 """
 from __future__ import annotations
 
@@ -287,8 +287,8 @@ def test_slurm_bad_usage(args, env, message):
 
 _TASK_PROBE = """
 import json, jax
-from ppfr_jax import train
-train.maybe_initialize_distributed()
+from ppfr_jax import sharding, train
+sharding.maybe_initialize_distributed()
 print(json.dumps({"process_index": jax.process_index(), "process_count": jax.process_count(),
                   "device_count": jax.device_count(),
                   "visible": jax.config.values.get("jax_cuda_visible_devices")}), flush=True)
@@ -297,7 +297,7 @@ jax.distributed.shutdown()
 
 
 def test_slurm_task_wrapper_initialises_jax_distributed(tmp_path):
-    """Two local 'nodes': the srun task wrapper + train.maybe_initialize_distributed form one job.
+    """Two local 'nodes': the srun task wrapper + sharding.maybe_initialize_distributed form one job.
 
     SLURM's own per-task variables are set as srun would (incl. SLURM_LOCALID, which without
     JAX_LOCAL_DEVICE_IDS would make jax restrict each process to one GPU).

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_summarised_close, golden_state_dict, load_golden, suggested_atol
-from ppfr_jax import config_lib, frequency, losses, tasks, train
+from ppfr_jax import config_lib, frequency, losses, methods, train
 from ppfr_jax.models import minusface
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,7 +73,7 @@ def test_objective_matches_reference_losses():
     lg = load_golden("losses")
     x, x_enc, latent = _nhwc(lg["x"]), _nhwc(lg["x_encode"]), _nhwc(lg["latent"])
     logits, labels = jnp.asarray(lg["logits"]), jnp.asarray(lg["labels"])
-    task = tasks.make_task(minusface_config.get_config("stage1,tiny"), 10)
+    task = methods.make_task(minusface_config.get_config("stage1,tiny"), 10)
     out = task.objective(x, x_enc, latent, logits, labels)
     for k in ("loss", "loss_gen", "loss_fr", "loss_ls"):
         # a 0-d loss has an exactly-zero tolerance row for loss_ls; 1e-7 is float32 rounding of the sum
@@ -82,13 +82,13 @@ def test_objective_matches_reference_losses():
     # stage 2 trains the recogniser only: the reference zeroes gen and spar
     w2 = minusface.MinusFaceStage2.objective_weights(minusface_config.get_config("stage2,tiny"))
     assert w2 == {"gen": 0.0, "fr": 1.0, "spar": 0.0}
-    toy = tasks.make_task(minusface_config.get_config("toy,tiny"), 10)
+    toy = methods.make_task(minusface_config.get_config("toy,tiny"), 10)
     t = toy.objective(x, x_enc, latent, logits, labels)
     np.testing.assert_allclose(float(t["loss"]), lg["loss_gen"] + lg["loss_fr"], rtol=0, atol=2e-5)
     # configurable weights
     c = minusface_config.get_config("stage1,tiny")
     c.minusface.loss_weights.gen = 1.0
-    t1 = tasks.make_task(c, 10).objective(x, x_enc, latent, logits, labels)
+    t1 = methods.make_task(c, 10).objective(x, x_enc, latent, logits, labels)
     np.testing.assert_allclose(float(t1["loss_gen"]), lg["l1_raw"], rtol=0, atol=suggested_atol("losses", "l1_raw"))
 
 
@@ -145,7 +145,7 @@ def test_configs_and_tasks():
         with pytest.raises(ValueError, match="generator_scale must be a finite number > 0"):
             minusface.build_model("stage1", backbone="ir_tiny", generator_widths=(4, 8), generator_scale=bad)
 
-    task = tasks.make_task(minusface_config.get_config("stage1,tiny"), 10)
+    task = methods.make_task(minusface_config.get_config("stage1,tiny"), 10)
     shapes = jax.eval_shape(task.init, jax.random.key(0), jnp.zeros((2, 112, 112, 3), jnp.uint8),
                             jnp.zeros((2,), jnp.int32))
     assert set(shapes["params"]) == {"generator", "recognizer", "head"}
@@ -155,7 +155,7 @@ def test_configs_and_tasks():
     assert groups == {"generator", "default"}
 
     # toy: U-Net on RGB, recogniser on X - g(X); a traced loss with the metrics the engine logs
-    toy = tasks.make_task(minusface_config.get_config("toy,tiny"), 10)
+    toy = methods.make_task(minusface_config.get_config("toy,tiny"), 10)
     tv = jax.eval_shape(toy.init, jax.random.key(0), jnp.zeros((2, 112, 112, 3), jnp.uint8),
                         jnp.zeros((2,), jnp.int32))
     assert tv["params"]["generator"]["left_conv_1"]["conv_ReLU_0"]["kernel"].shape[2] == 3
@@ -187,7 +187,7 @@ def test_stage1_then_stage2_end_to_end(tmp_path):
     bad = minusface_config.get_config(f"stage2,tiny,stage1_workdir={s1}")
     bad.minusface.generator_scale = 4.0
     with pytest.raises(ValueError, match=r"generator_scale=4\.0 does not match the stage-1 run"):
-        tasks.make_task(bad, 10)
+        methods.make_task(bad, 10)
 
     c2 = minusface_config.get_config(f"stage2,tiny,stage1_workdir={s1}")
     r2 = train.train_and_evaluate(c2, s2)
@@ -199,7 +199,7 @@ def test_stage1_then_stage2_end_to_end(tmp_path):
     assert v2["params"]["recognizer"]["input_layer_0"]["kernel"].shape[2] == 3
 
     # deployment split: the client holds only g, the server only f_p
-    task = tasks.make_task(c2, 10)
+    task = methods.make_task(c2, 10)
     client = {"params": {"generator": v2["params"]["generator"]}}
     server = {"params": {"recognizer": v2["params"]["recognizer"]},
               "batch_stats": {"recognizer": v2["batch_stats"]["recognizer"]}}
@@ -231,7 +231,7 @@ def test_stage1_then_stage2_end_to_end(tmp_path):
     batch = {"image": images, "label": np.array([1, 2], np.int32), "perms": perms.astype(np.int32)}
     ms = {"batch_stats": v2["batch_stats"]}
     width = v2["params"]["head"]["kernel"].shape[1]  # the engine pads the class axis
-    task = tasks.make_task(c2, 10, width)
+    task = methods.make_task(c2, 10, width)
     loss_fn = jax.jit(lambda b, k: task.loss(v2["params"], ms, b, k, train=False)[0])
     l1, l2 = float(loss_fn(batch, jax.random.key(1))), float(loss_fn(batch, jax.random.key(2)))
     assert l1 == l2
@@ -261,7 +261,7 @@ def test_toy_trains_end_to_end(tmp_path):
     assert v["params"]["generator"]["left_conv_1"]["conv_ReLU_0"]["kernel"].shape == (3, 3, 3, 4)  # RGB in
     assert v["params"]["recognizer"]["input_layer_0"]["kernel"].shape[2] == 3
     # the trained toy generator's protection: X - g(X), RGB, finite
-    task = tasks.make_task(minusface_config.get_config("toy,tiny"), 10)
+    task = methods.make_task(minusface_config.get_config("toy,tiny"), 10)
     images = np.random.default_rng(0).integers(0, 256, (2, 112, 112, 3), dtype=np.uint8)
     client = {"params": {"generator": v["params"]["generator"]}}
     r = jax.jit(task.protect)(client, images, jax.random.key(0))

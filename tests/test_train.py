@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from ppfr_jax import config_lib, train
+from ppfr_jax import checkpoints, config_lib, data, errors, methods, sharding, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
@@ -38,10 +38,10 @@ def run_steps(config, mesh, n, rng_seed=0):
     setup = train.build(config, config.data.num_classes, 1000, mesh)
     state = train.init_state(setup, jax.random.key(rng_seed))
     step = train.compile_train_step(setup)
-    src = train.synthetic_batches(config, setup.global_batch, 0, config.data.num_classes)
+    src = data.synthetic_batches(config, setup.global_batch, 0, config.data.num_classes)
     losses = []
     for _ in range(n):
-        state, m = step(state, train.make_global_batch(next(src), mesh), jax.random.key(1))
+        state, m = step(state, sharding.make_global_batch(next(src), mesh), jax.random.key(1))
         losses.append(float(m["loss"]))
     return setup, state, losses
 
@@ -117,7 +117,7 @@ def test_end_to_end_writes_results_and_resumes(tmp_path):
     assert r2["steps"] == 6
     # the run loads for inference from its workdir alone (ppfr-eval --model ppfr)
     from ppfr_jax import evaluate
-    task, variables, step = train.load_for_inference(wd)
+    task, variables, step = methods.load_for_inference(wd)
     assert step == 6 and task.config.num_train_steps == 6
     jax.tree.map(np.testing.assert_array_equal, variables["params"], _params(wd))
     rec = evaluate.MODELS["ppfr"](wd)
@@ -132,9 +132,9 @@ def test_non_finite_loss_stops_and_keeps_checkpoints(tmp_path):
     train.train_and_evaluate(tiny_config(), wd)  # 4 good steps, checkpoints at 2 and 4
     before = sorted(os.listdir(os.path.join(wd, "checkpoints")))
     c = tiny_config(num_train_steps=8, **{"optim.lr": 1e30})
-    with pytest.raises(train.NonFiniteLossError, match="step"):
+    with pytest.raises(errors.NonFiniteLossError, match="step"):
         train.train_and_evaluate(c, wd)
-    mngr = train.checkpoint_manager(wd, c)
+    mngr = checkpoints.checkpoint_manager(wd, c)
     assert mngr.latest_step() == 4
     assert set(before) <= set(os.listdir(os.path.join(wd, "checkpoints")))
 
@@ -146,11 +146,11 @@ def test_non_finite_step_leaves_the_state_unchanged():
     setup = train.build(c, c.data.num_classes, 1000, mesh)
     state = train.init_state(setup, jax.random.key(0))
     step = train.compile_train_step(setup)
-    src = train.synthetic_batches(c, setup.global_batch, 0, c.data.num_classes)
+    src = data.synthetic_batches(c, setup.global_batch, 0, c.data.num_classes)
     changed = False
     for i in range(12):
         before = jax.device_get(state)  # the step donates its input
-        state, m = step(state, train.make_global_batch(next(src), mesh), jax.random.key(1))
+        state, m = step(state, sharding.make_global_batch(next(src), mesh), jax.random.key(1))
         if int(state.bad_step) >= 0:
             break
         changed |= not np.array_equal(before.params["head"]["kernel"], np.asarray(state.params["head"]["kernel"]))
@@ -168,12 +168,12 @@ def test_checkpoint_from_8_devices_restores_on_4(tmp_path):
     c = tiny_config()
     eight = Mesh(np.asarray(jax.devices()).reshape(8, 1), ("data", "model"))
     setup8, s8, _ = run_steps(c, eight, 1)
-    mngr = train.checkpoint_manager(str(tmp_path), c)
-    train.save_checkpoint(mngr, s8, {"step": 1})
+    mngr = checkpoints.checkpoint_manager(str(tmp_path), c)
+    checkpoints.save_checkpoint(mngr, s8, {"step": 1})
     mngr.wait_until_finished()
     four = Mesh(np.asarray(jax.devices()[:4]).reshape(4, 1), ("data", "model"))
     setup4 = train.build(c, c.data.num_classes, 1000, four)
-    restored, meta = train.restore_checkpoint(train.checkpoint_manager(str(tmp_path), c), setup4.abstract_state)
+    restored, meta = checkpoints.restore_checkpoint(checkpoints.checkpoint_manager(str(tmp_path), c), setup4.abstract_state)
     assert meta["step"] == 1
     k = restored.params["head"]["kernel"]
     assert len(k.sharding.device_set) == 4
@@ -212,7 +212,7 @@ def _params(workdir):
     c = tiny_config()
     mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
     setup = train.build(c, 13, 1000, mesh)
-    state, _ = train.restore_checkpoint(train.checkpoint_manager(workdir, c), setup.abstract_state)
+    state, _ = checkpoints.restore_checkpoint(checkpoints.checkpoint_manager(workdir, c), setup.abstract_state)
     return jax.device_get(state.params)
 
 
@@ -293,14 +293,14 @@ def test_update_that_overflows_the_parameters_is_not_applied():
     state = train.init_state(setup, jax.random.key(0))
     before = jax.device_get(state)
     step = train.compile_train_step(setup)
-    src = train.synthetic_batches(c, setup.global_batch, 0, c.data.num_classes)
-    state, m = step(state, train.make_global_batch(next(src), mesh), jax.random.key(1))
+    src = data.synthetic_batches(c, setup.global_batch, 0, c.data.num_classes)
+    state, m = step(state, sharding.make_global_batch(next(src), mesh), jax.random.key(1))
     assert np.isfinite(float(m["loss"])) and np.isfinite(float(m["grad_norm"]))  # only the new state is bad
     assert int(state.bad_step) == 0
     after = jax.device_get(state)
     for name in ("params", "opt_state", "model_state"):
         jax.tree.map(np.testing.assert_array_equal, getattr(after, name), getattr(before, name))
-    with pytest.raises(train.NonFiniteLossError, match="updated state at step 1"):
+    with pytest.raises(errors.NonFiniteLossError, match="updated state at step 1"):
         train._check_finite(state, "wd")
 
 
@@ -363,7 +363,7 @@ def test_restart_falls_back_to_the_newest_intact_checkpoint(base_run, tmp_path, 
     wd = _copy(base_run[0], tmp_path)
     bad = _corrupt(wd, how)
     logs = []
-    state, meta, step, skipped = train.restore_newest_intact(wd, _setup_for(base_run[1]), 13, logs.append)
+    state, meta, step, skipped = checkpoints.restore_newest_intact(wd, _setup_for(base_run[1]).abstract_state, 13, logs.append)
     want = 4 if how == "empty_newer_dir" else 3
     assert step == want and meta["step"] == want and int(state.step) == want
     assert [s for s, _ in skipped] == [bad] and skipped[0][1]
@@ -374,11 +374,11 @@ def test_restart_skips_a_non_finite_checkpoint_and_resumes(base_run, tmp_path, c
     wd = _copy(base_run[0], tmp_path)
     c = base_run[1]
     setup = _setup_for(c)
-    state, _, _, _ = train.restore_newest_intact(wd, setup, 13)
+    state, _, _, _ = checkpoints.restore_newest_intact(wd, setup.abstract_state, 13)
     poisoned = state.replace(step=state.step + 1,
                              params=jax.tree.map(lambda x: x * np.float32("nan"), state.params))
-    mngr = train.checkpoint_manager(wd, c)
-    train.save_checkpoint(mngr, poisoned, {"step": 5, "num_classes": 13})  # what an older version could leave
+    mngr = checkpoints.checkpoint_manager(wd, c)
+    checkpoints.save_checkpoint(mngr, poisoned, {"step": 5, "num_classes": 13})  # what an older version could leave
     mngr.wait_until_finished()
     mngr.close()
     _corrupt(wd, "state_removed")  # and step 4 is damaged too
@@ -390,8 +390,8 @@ def test_restart_skips_a_non_finite_checkpoint_and_resumes(base_run, tmp_path, c
     assert "resuming from step 3" in out and "step 5 (ValueError: non-finite values" in out and "step 4 (" in out
     moved = sorted(os.listdir(os.path.join(wd, "damaged_checkpoints")))
     assert [m.split("-")[0] for m in moved] == ["4", "5"]
-    assert train.checkpoint_steps(wd)[-1] == 6
-    v, _ = train.restore_variables(wd)
+    assert checkpoints.checkpoint_steps(wd)[-1] == 6
+    v, _ = checkpoints.restore_variables(wd)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(v))
 
 
@@ -404,22 +404,22 @@ def test_a_passing_failure_is_not_damage(base_run, tmp_path, monkeypatch, err):
         raise err
     monkeypatch.setattr(train, "restore_checkpoint", fail)
     with pytest.raises(type(err), match=str(err)):
-        train.restore_newest_intact(wd, _setup_for(base_run[1]), 13)
-    assert train.checkpoint_steps(wd) == [1, 2, 3, 4]
+        checkpoints.restore_newest_intact(wd, _setup_for(base_run[1]).abstract_state, 13)
+    assert checkpoints.checkpoint_steps(wd) == [1, 2, 3, 4]
     assert not os.path.exists(os.path.join(wd, "damaged_checkpoints"))
 
 
 def test_no_intact_checkpoint_or_another_model_stops_naming_them(base_run, tmp_path):
     wd = _copy(base_run[0], tmp_path)
-    for s in train.checkpoint_steps(wd):
+    for s in checkpoints.checkpoint_steps(wd):
         open(os.path.join(wd, "checkpoints", str(s), "state", "_METADATA"), "w").write("garbage")
-    with pytest.raises(train.RunError, match=r"no intact checkpoint under .*checkpoints: step 4: .*step 1: "):
-        train.restore_newest_intact(wd, _setup_for(base_run[1]), 13)
+    with pytest.raises(errors.RunError, match=r"no intact checkpoint under .*checkpoints: step 4: .*step 1: "):
+        checkpoints.restore_newest_intact(wd, _setup_for(base_run[1]).abstract_state, 13)
     wd2 = _copy(base_run[0], tmp_path, "other")
     other = tiny_config(**{"model.embedding_size": 64})
-    with pytest.raises(train.CheckpointMismatch, match=r"checkpoints/4: .* has shape .*use a new workdir"):
-        train.restore_newest_intact(wd2, _setup_for(other), 13)
-    assert train.checkpoint_steps(wd2) == [1, 2, 3, 4]  # not damage: nothing moved
+    with pytest.raises(checkpoints.CheckpointMismatch, match=r"checkpoints/4: .* has shape .*use a new workdir"):
+        checkpoints.restore_newest_intact(wd2, _setup_for(other).abstract_state, 13)
+    assert checkpoints.checkpoint_steps(wd2) == [1, 2, 3, 4]  # not damage: nothing moved
 
 
 def test_finished_run_run_again_changes_nothing(base_run, tmp_path, capsys):
@@ -434,9 +434,9 @@ def test_finished_run_run_again_changes_nothing(base_run, tmp_path, capsys):
     r = train.train_and_evaluate(base_run[1], wd)
     assert r == first
     assert "already finished at step 4" in capsys.readouterr().out
-    for p, (data, mtime) in snapshot.items():
-        if not p.endswith(train.LOCK_FILE):
-            assert open(p, "rb").read() == data and os.stat(p).st_mtime_ns == mtime, p
+    for p, (content, mtime) in snapshot.items():
+        if not p.endswith(checkpoints.LOCK_FILE):
+            assert open(p, "rb").read() == content and os.stat(p).st_mtime_ns == mtime, p
     # killed after the last checkpoint, before results.json: the re-run records them
     os.remove(os.path.join(wd, "results.json"))
     r = train.train_and_evaluate(base_run[1], wd)
@@ -451,22 +451,22 @@ def test_any_device_count_resumes_any_checkpoint(tmp_path, saved_on, resumed_on)
     c = tiny_config(batch_size=math.lcm(saved_on, resumed_on))
     src_mesh = Mesh(np.asarray(jax.devices()[:saved_on]).reshape(saved_on, 1), ("data", "model"))
     _, state, _ = run_steps(c, src_mesh, 1)
-    mngr = train.checkpoint_manager(str(tmp_path), c)
-    train.save_checkpoint(mngr, state, {"step": 1, "num_classes": 13})
+    mngr = checkpoints.checkpoint_manager(str(tmp_path), c)
+    checkpoints.save_checkpoint(mngr, state, {"step": 1, "num_classes": 13})
     mngr.wait_until_finished()
     mngr.close()
     setup = _setup_for(c, resumed_on)
-    restored, _, step, skipped = train.restore_newest_intact(str(tmp_path), setup, 13)
+    restored, _, step, skipped = checkpoints.restore_newest_intact(str(tmp_path), setup.abstract_state, 13)
     assert step == 1 and not skipped
     k_old = np.asarray(jax.device_get(state.params["head"]["kernel"]))
     k_new = restored.params["head"]["kernel"]
-    assert k_new.shape[1] == train.padded_num_classes(13, resumed_on) and len(k_new.sharding.device_set) == resumed_on
+    assert k_new.shape[1] == sharding.padded_num_classes(13, resumed_on) and len(k_new.sharding.device_set) == resumed_on
     np.testing.assert_array_equal(np.asarray(k_new)[:, :13], k_old[:, :13])  # the real classes, exactly
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params["backbone"]),
                  jax.device_get(restored.params["backbone"]))
     step_fn = train.compile_train_step(setup)  # and it trains on
-    batch = next(train.synthetic_batches(c, setup.global_batch, 1, 13))
-    new, m = step_fn(restored, train.make_global_batch(batch, setup.mesh), jax.random.key(1))
+    batch = next(data.synthetic_batches(c, setup.global_batch, 1, 13))
+    new, m = step_fn(restored, sharding.make_global_batch(batch, setup.mesh), jax.random.key(1))
     assert np.isfinite(float(m["loss"])) and int(new.bad_step) < 0
 
 
@@ -474,7 +474,7 @@ _HOLDER = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {root!r})
     from ppfr_jax import train
-    with train.workdir_lock({wd!r}):
+    with checkpoints.workdir_lock({wd!r}):
         print("LOCKED", flush=True)
         time.sleep(600)
 """)
@@ -487,15 +487,15 @@ def test_one_run_per_workdir_and_a_killed_run_does_not_block(tmp_path):
                          stdout=subprocess.PIPE, text=True)
     try:
         assert p.stdout.readline().strip() == "LOCKED"
-        with pytest.raises(train.RunError, match=rf"workdir {wd} is in use by another run \(pid {p.pid} on "):
+        with pytest.raises(errors.RunError, match=rf"workdir {wd} is in use by another run \(pid {p.pid} on "):
             train.train_and_evaluate(tiny_config(), wd)
-        assert os.listdir(wd) == [train.LOCK_FILE]  # refused before config.json or anything else
+        assert os.listdir(wd) == [checkpoints.LOCK_FILE]  # refused before config.json or anything else
     finally:
         p.send_signal(signal.SIGKILL)
         p.wait()
-    with train.workdir_lock(wd):  # the kernel released the killed holder's lock
-        with pytest.raises(train.RunError, match="in use by another run"):
-            with train.workdir_lock(wd):
+    with checkpoints.workdir_lock(wd):  # the kernel released the killed holder's lock
+        with pytest.raises(errors.RunError, match="in use by another run"):
+            with checkpoints.workdir_lock(wd):
                 pass
 
 
@@ -503,27 +503,27 @@ def test_no_setting_deletes_the_only_checkpoint(tmp_path):
     c = tiny_config(keep_checkpoints=0, keep_best=0)  # validate refuses it; the manager keeps one anyway
     with pytest.raises(ValueError, match="keep_checkpoints"):
         config_lib.validate(c, 8)
-    mngr = train.checkpoint_manager(str(tmp_path), c)
+    mngr = checkpoints.checkpoint_manager(str(tmp_path), c)
     for s in (1, 2, 3):
         st = train.TrainState(step=jnp.int32(s), params={"w": jnp.ones(2)}, model_state={"b": jnp.zeros(1)},
                               opt_state={"m": jnp.zeros(2)}, bad_step=jnp.int32(-1))
-        train.save_checkpoint(mngr, st, {"step": s})
+        checkpoints.save_checkpoint(mngr, st, {"step": s})
         mngr.wait_until_finished()
     mngr.close()
-    assert train.checkpoint_steps(str(tmp_path)) == [3]
+    assert checkpoints.checkpoint_steps(str(tmp_path)) == [3]
 
 
 def test_unwritable_checkpoint_folder_stops_before_training(tmp_path):
     wd = tmp_path / "run"
     wd.mkdir()
     (wd / "checkpoints").write_text("a file where the folder should be")
-    with pytest.raises(train.RunError, match=r"checkpoint folder .*/run/checkpoints is not writable.*nothing was"):
+    with pytest.raises(errors.RunError, match=r"checkpoint folder .*/run/checkpoints is not writable.*nothing was"):
         train.train_and_evaluate(tiny_config(), str(wd))
     assert not (wd / "config.json").exists()
 
 
 def test_failed_save_stops_the_run_at_once_naming_the_path(tmp_path, monkeypatch):
-    real = train.save_checkpoint
+    real = checkpoints.save_checkpoint
     calls = []
 
     def failing(mngr, state, meta, metrics=None):
@@ -533,9 +533,9 @@ def test_failed_save_stops_the_run_at_once_naming_the_path(tmp_path, monkeypatch
         return real(mngr, state, meta, metrics)
     monkeypatch.setattr(train, "save_checkpoint", failing)
     wd = str(tmp_path / "run")
-    with pytest.raises(train.RunError, match=r"saving the checkpoint .*/run/checkpoints/2 failed .*No space left"):
+    with pytest.raises(errors.RunError, match=r"saving the checkpoint .*/run/checkpoints/2 failed .*No space left"):
         train.train_and_evaluate(tiny_config(num_train_steps=6, checkpoint_every_steps=1), wd)
-    assert calls == [1, 2] and train.checkpoint_steps(wd) == [1]
+    assert calls == [1, 2] and checkpoints.checkpoint_steps(wd) == [1]
     assert not os.path.exists(os.path.join(wd, "results.json"))
 
 
@@ -549,7 +549,7 @@ def test_folder_made_unwritable_mid_run_stops_without_the_orbax_timeout(tmp_path
         pytest.skip("chattr +i is not available here (needs CAP_LINUX_IMMUTABLE on ext4/xfs)")
     subprocess.run(["chattr", "-i", str(probe)], check=True)
     wd = tmp_path / "run"
-    real = train.probe_write
+    real = checkpoints.probe_write
     calls = []
 
     def lock_before_second_save(folder):
@@ -559,12 +559,12 @@ def test_folder_made_unwritable_mid_run_stops_without_the_orbax_timeout(tmp_path
         return real(folder)
     monkeypatch.setattr(train, "probe_write", lock_before_second_save)
     saves = []
-    real_save = train.save_checkpoint
+    real_save = checkpoints.save_checkpoint
     monkeypatch.setattr(train, "save_checkpoint", lambda m, s, meta, metrics=None: (
         saves.append(meta["step"]), real_save(m, s, meta, metrics))[1])
     try:
-        with pytest.raises(train.RunError, match=r"saving the checkpoint .*/run/checkpoints/2 failed .*Operation not"):
+        with pytest.raises(errors.RunError, match=r"saving the checkpoint .*/run/checkpoints/2 failed .*Operation not"):
             train.train_and_evaluate(tiny_config(num_train_steps=8, checkpoint_every_steps=1), str(wd))
     finally:
         subprocess.run(["chattr", "-i", str(wd / "checkpoints")])
-    assert saves == [1] and train.checkpoint_steps(str(wd)) == [1]  # Orbax never started the failing save
+    assert saves == [1] and checkpoints.checkpoint_steps(str(wd)) == [1]  # Orbax never started the failing save

@@ -71,10 +71,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ppfr_jax import frequency, roi, tasks
+from ppfr_jax import checkpoints, frequency, roi, tasks
 from ppfr_jax.checkpoint_import import torch_to_flax
 from ppfr_jax.models import iresnet, mobilefacenet
 from ppfr_jax.models.mobilefacenet import ConvBlock, DepthWise, OutputLayer
+from ppfr_jax.errors import PpfrError
 
 Dtype = Any
 
@@ -312,14 +313,8 @@ def import_torch_state_dict(state_dict: Mapping[str, Any], variables: Mapping[st
 # ----------------------------------------------------------------------------- checkpoints
 
 
-class ClientCheckpointNotFound(FileNotFoundError):
+class ClientCheckpointNotFound(PpfrError, FileNotFoundError):
     """DuetFace server training was asked to start without a trained client."""
-
-
-def restore_engine_variables(workdir: str, step: int | None = None) -> tuple[dict, int]:
-    """``train.restore_variables``: params and model state of an engine run, as numpy, and its step."""
-    from ppfr_jax import train
-    return train.restore_variables(workdir, step)
 
 
 def load_pfld_variables(path: str) -> dict:
@@ -442,7 +437,7 @@ class DuetFaceTask(tasks.RecognitionTask):
                 "config.duetface.client_workdir is empty: DuetFace server training freezes the client of a "
                 "finished warm-up run (task 'duetface_client') and needs its workdir. " + hint)
         try:
-            variables, step = restore_engine_variables(wd, int(d.get("client_step", 0) or 0) or None)
+            variables, step = checkpoints.restore_variables(wd, int(d.get("client_step", 0) or 0) or None)
         except FileNotFoundError as e:
             raise ClientCheckpointNotFound(
                 f"config.duetface.client_workdir={wd!r}: {e}; DuetFace server training needs a trained "

@@ -27,7 +27,7 @@ sends ``X_p = protect(...)`` with a fresh key per call; the server holds only
 variables, so each side can be applied with just its own half; the
 ``minusface_stage2`` task exposes them on the engine's variables.
 
-Training tasks for ``ppfr_jax.train`` (registered here; ``tasks.make_task``
+Training tasks for ``ppfr_jax.train`` (registered here; ``methods.make_task``
 imports this module): ``minusface_stage1``, ``minusface_stage2``,
 ``minusface_toy``. Their variables are ``params = {generator, recognizer,
 head}``, ``batch_stats = {recognizer}``; the generator's optimiser group is
@@ -66,7 +66,8 @@ import numpy as np
 
 from ppfr_jax import frequency, losses, tasks
 from ppfr_jax.models import iresnet, unet
-from ppfr_jax.train import load_config, restore_variables  # noqa: F401  (restore_variables re-exported)
+from ppfr_jax.checkpoints import load_run_config, restore_variables
+from ppfr_jax.errors import PpfrError
 
 MODES = ("stage1", "stage2", "toy")
 
@@ -267,7 +268,7 @@ def import_torch_state_dict(state_dict: Mapping[str, Any], variables: Mapping[st
 # ----------------------------------------------------------------------------- checkpoints
 
 
-class Stage1CheckpointNotFound(FileNotFoundError):
+class Stage1CheckpointNotFound(PpfrError, FileNotFoundError):
     """Stage 2 was asked to start without a finished stage-1 run."""
 
 
@@ -474,7 +475,7 @@ class MinusFaceStage2(MinusFaceTask):
                 f"config.minusface.generator_widths={tuple(mf.generator_widths)} does not match the generator "
                 f"saved in {wd!r} (step {step}); use the stage-1 run's widths")
         try:
-            s1_scale = float(load_config(wd).get("minusface", {}).get("generator_scale", 1.0))
+            s1_scale = float(load_run_config(wd).get("minusface", {}).get("generator_scale", 1.0))
         except (FileNotFoundError, ValueError):
             s1_scale = None  # a checkpoint without its run's config (e.g. imported): nothing to check against
         if s1_scale is not None and s1_scale != float(mf.get("generator_scale", 1.0)):
