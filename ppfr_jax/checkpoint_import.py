@@ -34,6 +34,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from ppfr_jax import models
 from ppfr_jax.errors import PpfrError
 
 _SEQ_INDEX = re.compile(r"\.(\d+)(?=\.|$)")
@@ -183,58 +184,11 @@ def torch_to_flax(
 
 
 # ----------------------------------------------------------------------------
-# ``ppfr-import`` CLI: PyTorch checkpoint -> Orbax checkpoint of Flax variables.
+# a named model of ``ppfr_jax.models.BACKBONES`` as an import target (``ppfr-import``)
 # ----------------------------------------------------------------------------
 
-class ImportSpec:
-    """How ``ppfr-import`` builds one model: where it lives and its input.
-
-    Attributes:
-      module: ``ppfr_jax.models.<module>``, imported only when this model is asked for.
-      factories: candidate names of the Linen class / partial in that module (first found wins).
-      input_hw: (H, W) of the dummy input used to derive variable shapes.
-      channels: default input channels (``--input-channels`` overrides).
-      channel_fields: constructor fields set to the input channel count when
-        the model has them (``in_channels``; the U-Net maps C -> C).
-      kwargs: constructor keyword arguments (``--model-arg`` adds/overrides).
-      ignore: extra regexes of PyTorch keys that may be left unused (used only
-        when the module has no ``import_torch_state_dict``).
-    """
-
-    def __init__(self, module: str, factories: tuple[str, ...], input_hw=(112, 112), channels: int = 3,
-                 channel_fields: tuple[str, ...] = ("in_channels",), kwargs: Mapping[str, Any] | None = None,
-                 ignore: tuple = ()):
-        self.module, self.factories, self.input_hw = module, tuple(factories), tuple(input_hw)
-        self.channels, self.channel_fields = channels, tuple(channel_fields)
-        self.kwargs, self.ignore = dict(kwargs or {}), tuple(ignore)
-
-    def __repr__(self):
-        return f"ImportSpec(ppfr_jax.models.{self.module}:{'|'.join(self.factories)})"
-
-
-# Entries are resolved lazily: a model whose module or class is not available
-# fails with a clear message when asked for, not at start-up. A module that
-# defines ``import_torch_state_dict(state_dict, variables)`` maps the weights;
-# otherwise plain ``torch_to_flax`` does.
-MODEL_REGISTRY: dict[str, ImportSpec] = {
-    "ir18": ImportSpec("iresnet", ("IR18",)),
-    "ir34": ImportSpec("iresnet", ("IR34",)),
-    "ir50": ImportSpec("iresnet", ("IR50",)),
-    "ir100": ImportSpec("iresnet", ("IR100",)),
-    "ir152": ImportSpec("iresnet", ("IR152",)),
-    "ir_se50": ImportSpec("iresnet", ("IRSE50",)),
-    "ir_se100": ImportSpec("iresnet", ("IRSE100",)),
-    "mobilefacenet": ImportSpec("mobilefacenet", ("MobileFaceNet",)),
-    "duetface_client": ImportSpec("mobilefacenet", ("DuetFaceClient",), channels=30),
-    "pfld": ImportSpec("pfld", ("PFLDInference",)),
-    # MinusFace generator: DCT mode 192 -> 192 (``--input-channels 3`` for toy mode).
-    "unet": ImportSpec("unet", ("UNet",), channels=192, channel_fields=("in_channels", "out_channels")),
-    "casia_mobilefacenet": ImportSpec("mobilefacenet_casia", ("CasiaMobileFaceNet",), input_hw=(112, 96)),
-}
-
-
 class UnknownModelError(PpfrError, LookupError):
-    """``--model`` names no registry entry, or its module/class is not available."""
+    """``--model`` names no entry of ``ppfr_jax.models.BACKBONES``, or its module/class is not available."""
 
 
 def build_import_target(name: str, input_channels: int | None = None, model_kwargs: Mapping | None = None):
@@ -250,19 +204,11 @@ def build_import_target(name: str, input_channels: int | None = None, model_kwar
     import jax
     import jax.numpy as jnp
 
-    if name not in MODEL_REGISTRY:
-        raise UnknownModelError(f"unknown model {name!r}; known: {', '.join(sorted(MODEL_REGISTRY))}")
-    spec = MODEL_REGISTRY[name]
-    modname = f"ppfr_jax.models.{spec.module}"
-    try:
-        module = importlib.import_module(modname)
-    except ModuleNotFoundError as e:
-        if e.name == modname:
-            raise UnknownModelError(f"model {name!r} needs {modname}, which is not available") from e
-        raise
-    factory = next((getattr(module, f) for f in spec.factories if hasattr(module, f)), None)
-    if factory is None:
-        raise UnknownModelError(f"model {name!r}: {modname} defines none of {list(spec.factories)}")
+    if name not in models.BACKBONES:
+        raise UnknownModelError(f"unknown model {name!r}; known: {', '.join(sorted(models.BACKBONES))}")
+    spec = models.BACKBONES[name]
+    module = importlib.import_module(f"ppfr_jax.models.{spec.module}")
+    factory = getattr(module, spec.factory)
     user_kwargs = dict(model_kwargs or {})
     c = spec.channels if input_channels is None else int(input_channels)
     model = factory(**{**spec.kwargs, **user_kwargs})
@@ -276,121 +222,3 @@ def build_import_target(name: str, input_channels: int | None = None, model_kwar
     target = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape, jnp.float32), **extra))
     target = {k: v for k, v in dict(target).items() if k in ("params", "batch_stats")}
     return model, module, target, shape
-
-
-def _parse_model_args(items) -> dict:
-    import ast
-
-    out = {}
-    for item in items or ():
-        k, sep, v = item.partition("=")
-        if not sep or not k:
-            raise ValueError(f"--model-arg expects KEY=VALUE, got {item!r}")
-        try:
-            out[k] = ast.literal_eval(v)
-        except (ValueError, SyntaxError):
-            out[k] = v
-    return out
-
-
-def _shorten_sections(msg: str, keep: int = 20) -> str:
-    """Keep the first ``keep`` indented lines under each heading (a wrong --model lists every key)."""
-    out, shown, hidden = [], 0, 0
-    for line in msg.splitlines() + ["<end>"]:
-        if not line.startswith(" "):
-            if hidden:
-                out.append(f"  ... and {hidden} more")
-            shown = hidden = 0
-            if line != "<end>":
-                out.append(line)
-        elif shown < keep:
-            out.append(line)
-            shown += 1
-        else:
-            hidden += 1
-    return "\n".join(out)
-
-
-def main(argv=None) -> int:
-    """``ppfr-import --pth FILE --model NAME --out DIR``: convert PyTorch weights to Orbax.
-
-    Reads the checkpoint with ``ppfr_jax.torch_pickle`` (no torch, no pickled
-    code), maps it with the model's ``import_torch_state_dict`` (or
-    ``torch_to_flax``), and writes ``{'params', 'batch_stats'}`` with
-    ``orbax.checkpoint.StandardCheckpointer`` to DIR (restore with
-    ``StandardCheckpointer().restore(DIR)``). Returns the exit status.
-    """
-    import argparse
-    import os
-    import sys
-
-    from ppfr_jax.torch_pickle import CheckpointReadError, load_state_dict
-
-    p = argparse.ArgumentParser(
-        prog="ppfr-import",
-        description="Convert a PyTorch checkpoint (read without torch) into an Orbax checkpoint of "
-                    "Flax variables {'params', 'batch_stats'}.")
-    p.add_argument("--pth", required=True, help="PyTorch checkpoint (.pth/.ckpt, zip or legacy format)")
-    p.add_argument("--model", required=True, help=f"one of: {', '.join(sorted(MODEL_REGISTRY))}")
-    p.add_argument("--out", required=True, help="output directory of the Orbax checkpoint")
-    p.add_argument("--input-channels", type=int, default=None,
-                   help="input channels of the model (default: the registry's, e.g. 30 for duetface_client)")
-    p.add_argument("--key", default=None,
-                   help="where the state_dict sits in the checkpoint, '/'-separated (default: found)")
-    p.add_argument("--prefix", default=None,
-                   help="use only the keys under this prefix, with it removed (a sub-model of a larger "
-                        "checkpoint, e.g. 'generator.backbone.' or 'recognizer.'); 'module.' is always "
-                        "dropped when every key has it")
-    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="constructor argument of the Linen model (repeatable; VALUE a Python literal)")
-    p.add_argument("--force", action="store_true", help="overwrite DIR if it exists")
-    args = p.parse_args(argv)
-
-    if args.model not in MODEL_REGISTRY:
-        print(f"ppfr-import: error: unknown model {args.model!r}; known: {', '.join(sorted(MODEL_REGISTRY))}",
-              file=sys.stderr)
-        return 2
-    out = os.path.abspath(args.out)
-    if os.path.exists(out) and not args.force:
-        print(f"ppfr-import: error: {out} exists (use --force to overwrite)", file=sys.stderr)
-        return 2
-    try:
-        # the checkpoint first: a bad file fails before any model is traced
-        sd = load_state_dict(args.pth, key=args.key)
-        if args.prefix:
-            total = len(sd)
-            sd = {k[len(args.prefix):]: v for k, v in sd.items() if k.startswith(args.prefix)}
-            if not sd:
-                raise KeyError(f"none of the {total} state_dict keys starts with --prefix {args.prefix!r}")
-        model, module, target, shape = build_import_target(
-            args.model, args.input_channels, _parse_model_args(args.model_arg))
-        importer = getattr(module, "import_torch_state_dict", None)
-        if importer is not None:
-            variables = importer(sd, target)
-        else:
-            variables = torch_to_flax(sd, target, ignore=MODEL_REGISTRY[args.model].ignore)
-    except (UnknownModelError, CheckpointReadError, CheckpointMismatchError, FileNotFoundError, KeyError,
-            ValueError) as e:
-        msg = str(e.args[0] if isinstance(e, KeyError) and e.args else e)  # KeyError's str() adds quotes
-        print("ppfr-import: error: " + _shorten_sections(msg), file=sys.stderr)
-        return 2
-
-    import orbax.checkpoint as ocp
-
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(out, variables, force=args.force)
-        ckptr.wait_until_finished()
-
-    counts = {col: sum(int(np.prod(v.shape)) for _, v in _flatten(tree)) for col, tree in variables.items()}
-    leaves = {col: sum(1 for _ in _flatten(tree)) for col, tree in variables.items()}
-    print(f"ppfr-import: {args.pth}")
-    print(f"  model       {args.model} ({type(model).__name__}, input NHWC {shape})")
-    print(f"  state_dict  {len(sd)} tensors, {sum(int(np.asarray(v).size) for v in sd.values()):,} values")
-    for col in variables:
-        print(f"  {col:<11} {leaves[col]} arrays, {counts[col]:,} values")
-    print(f"  wrote       {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

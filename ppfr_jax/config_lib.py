@@ -15,9 +15,9 @@ import pathlib
 import ml_collections
 import numpy as np
 
+from ppfr_jax import models
 from ppfr_jax.errors import PpfrError
 
-BACKBONES = ("ir18", "ir34", "ir50", "ir100", "irse50", "ir_tiny", "mobilefacenet", "mobilefacenet_tiny")
 INPUTS = ("rgb", "dct")
 HEADS = ("arcface", "cosface", "curricularface")
 DATA_SOURCES = ("demo", "tfrecord", "image_folder", "tfds", "synthetic")
@@ -279,8 +279,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
 
     check_numeric_fields(config)
     m = config.model
-    if m.backbone not in BACKBONES:
-        bad("model.backbone", f"unknown backbone {m.backbone!r}; choose one of {BACKBONES}")
+    if m.backbone not in models.RECOGNIZERS:
+        hint = " (renamed ir_se50, TFace's name)" if m.backbone == "irse50" else ""
+        bad("model.backbone", f"unknown backbone {m.backbone!r}{hint}; choose one of {models.RECOGNIZERS}")
     if m.input not in INPUTS:
         bad("model.input", f"unknown input {m.input!r}; choose one of {INPUTS}")
     if config.head.kind not in HEADS:
@@ -302,6 +303,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         subs = list(config.duetface.get("sub_channels", ()))
         if not subs or len(set(subs)) != len(subs):
             bad("duetface.sub_channels", f"must be distinct DCT frequencies in [0, 63], got {subs}")
+        client = config.duetface.get("client_backbone", "mobilefacenet")
+        if client not in models.CLIENT_BACKBONES:
+            bad("duetface.client_backbone", f"unknown client {client!r}; choose one of {models.CLIENT_BACKBONES}")
     d = config.data
     if d.source not in DATA_SOURCES:
         bad("data.source", f"unknown source {d.source!r}; choose one of {DATA_SOURCES}")

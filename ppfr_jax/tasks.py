@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from ppfr_jax import frequency, heads, losses
+from ppfr_jax import frequency, heads, losses, models
 
 TASKS: dict[str, Callable[..., "RecognitionTask"]] = {}
 
@@ -35,20 +35,12 @@ def register(name):
 
 
 def build_backbone(name: str, embedding_size: int = 512, dropout: float = 0.4, dtype=jnp.float32):
-    """Backbone registry (lazy imports keep this module light)."""
-    from ppfr_jax.models import iresnet, mobilefacenet
-    table = {
-        "ir18": iresnet.IR18, "ir34": iresnet.IR34, "ir50": iresnet.IR50, "ir100": iresnet.IR100,
-        "irse50": iresnet.IRSE50, "ir_tiny": iresnet.IR_TINY,
-        "mobilefacenet": mobilefacenet.MobileFaceNet,
-        "mobilefacenet_tiny": getattr(mobilefacenet, "MobileFaceNetTiny", mobilefacenet.MobileFaceNet),
-    }
-    if name not in table:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(table)}")
-    kw = dict(embedding_size=embedding_size, dtype=dtype)
-    if name.startswith("ir"):
-        kw["dropout"] = dropout
-    return table[name](**kw)
+    """The recogniser ``config.model.backbone`` names (``ppfr_jax.models.BACKBONES``).
+
+    Raises:
+      models.UnknownBackboneError naming the known recognizers.
+    """
+    return models.get_model(name, "recognizer", embedding_size=embedding_size, dropout=dropout, dtype=dtype)
 
 
 def normalise_images(images):

@@ -329,3 +329,35 @@ def test_conv_layer_uses_the_strided_cpu_path_with_the_same_params():
                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
     np.testing.assert_allclose(m.apply(v, x), ref, rtol=1e-5, atol=1e-5)
     assert m.conv_general_dilated is layers.cpu_strided_conv  # tests run on the CPU
+
+
+# ----------------------------------------------------------------------------- the one registry
+
+
+def _param_count(model, channels=3):
+    v = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 112, 112, channels)), train=False))
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(v["params"]))
+
+
+def test_every_registry_entry_resolves():
+    from ppfr_jax import models
+    for name, spec in models.BACKBONES.items():
+        assert callable(models.factory(name)), name
+    assert set(models.CLIENT_BACKBONES) <= set(models.RECOGNIZERS)
+    with pytest.raises(models.UnknownBackboneError, match=r"unknown recognizer 'unet'"):
+        models.get_model("unet", "recognizer")
+
+
+def test_mobilefacenet_tiny_is_the_tiny_model_everywhere():
+    """``mobilefacenet_tiny`` in an ArcFace config used to build the FULL MobileFaceNet (a lookup of a class
+    that did not exist fell back to it); now one entry builds the tiny net for ArcFace and DuetFace alike."""
+    from ppfr_jax import tasks
+    from ppfr_jax.models import duetface as duetface_models
+    tiny = tasks.build_backbone("mobilefacenet_tiny", embedding_size=64)
+    full = tasks.build_backbone("mobilefacenet", embedding_size=64)
+    assert type(tiny).__name__ == "MobileFaceNetTiny" and tiny.in_channels == 3
+    n_tiny, n_full = _param_count(tiny), _param_count(full)
+    assert n_tiny * 10 < n_full, (n_tiny, n_full)
+    client = duetface_models.build_client("mobilefacenet_tiny", 30, 64)
+    assert type(client).__name__ == "MobileFaceNetTiny" and client.head == "client"
+    assert _param_count(client, 30) < n_full // 10

@@ -147,3 +147,19 @@ def test_duetface_sub_channels_must_be_distinct():
     c.duetface.sub_channels = (0, 1, 1)
     with pytest.raises(config_lib.ConfigError, match=r"^config\.duetface\.sub_channels: must be distinct"):
         config_lib.validate(c, 1)
+
+
+def test_backbone_names_come_from_the_one_registry():
+    from ppfr_jax import models
+    c = arcface.get_config("tiny")
+    c.model.backbone = "irse50"  # the old training-only spelling
+    with pytest.raises(config_lib.ConfigError, match=r"^config\.model\.backbone: unknown backbone 'irse50' "
+                                                     r"\(renamed ir_se50"):
+        config_lib.validate(c, 1)
+    for name in models.RECOGNIZERS:  # every recogniser the registry has is a valid training backbone
+        c.model.backbone = name
+        config_lib.validate(c, 1)
+    c = duetface.get_config("server,tiny")
+    c.duetface.client_backbone = "ir18"
+    with pytest.raises(config_lib.ConfigError, match=r"^config\.duetface\.client_backbone: unknown client 'ir18'"):
+        config_lib.validate(c, 1)

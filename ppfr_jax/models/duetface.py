@@ -4,7 +4,7 @@ The face is moved to the block-DCT domain (``ppfr_jax.frequency``) and split:
 
 - the **client** keeps the 30 low-frequency channels (``SUB_CHS`` of each
   colour) and runs a MobileFaceNet on them (``DuetFaceClient``, or
-  ``TinyClient`` for tests/demos), trained alone first ("warm-up", task
+  ``MobileFaceNetTiny`` for tests/demos), trained alone first ("warm-up", task
   ``duetface_client``) and then frozen;
 - the **server** gets the other 162 channels and runs an IR-18/IR-50 with an
   **interactive block** after the last unit of each of the 4 stages.
@@ -64,18 +64,17 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ppfr_jax import checkpoints, frequency, roi, tasks
+from ppfr_jax import checkpoints, frequency, models, roi, tasks
 from ppfr_jax.checkpoint_import import torch_to_flax
-from ppfr_jax.models import iresnet, mobilefacenet
-from ppfr_jax.models.mobilefacenet import ConvBlock, DepthWise, OutputLayer
 from ppfr_jax.errors import PpfrError
+from ppfr_jax.models import iresnet, mobilefacenet
 
 Dtype = Any
 
@@ -185,53 +184,23 @@ class InteractiveBlock(nn.Module):
 # ----------------------------------------------------------------------------- models
 
 
-class TinyClient(nn.Module):
-    """A toy DuetFace client for tests and CPU demos: MobileFaceNet's layout at small widths.
-
-    stem 3x3 s2 -> conv_23 (s2, 28x28) -> conv_34 (s2, 14x14) -> conv_45 (s2,
-    7x7) -> conv_6_sep (1x1) -> the client output layer. Same call and
-    returns as ``MobileFaceNet`` (``return_features`` gives the maps at 28, 14,
-    7, 7 that the server's stages consume).
-    """
-
-    in_channels: int = 30
-    widths: Sequence[int] = (16, 24, 32, 64)
-    embedding_size: int = 64
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, train: bool = False, *, return_features: bool = False):
-        if x.ndim != 4 or x.shape[1:] != (112, 112, self.in_channels):
-            raise ValueError(f"TinyClient expects NHWC input (N, 112, 112, {self.in_channels}), got {x.shape}")
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        w = self.widths
-        x = ConvBlock(w[0], 3, 2, 1, name="conv1", **kw)(jnp.asarray(x, self.dtype), train)
-        f1 = DepthWise(w[0], 2 * w[0], name="conv_23", **kw)(x, train)
-        f3 = DepthWise(w[1], 2 * w[0], name="conv_34", **kw)(f1, train)
-        f5 = DepthWise(w[2], 2 * w[1], name="conv_45", **kw)(f3, train)
-        f7 = ConvBlock(w[3], name="conv_6_sep", **kw)(f5, train)
-        emb = OutputLayer(self.embedding_size, client=True, name="output_layer", **kw)(f7, train)
-        return (emb, (f1, f3, f5, f7)) if return_features else emb
-
-
-CLIENTS = ("mobilefacenet", "mobilefacenet_tiny")
+CLIENTS = models.CLIENT_BACKBONES
 
 
 def build_client(name: str, in_channels: int = 30, embedding_size: int = 512, dtype=jnp.float32) -> nn.Module:
-    """The client backbone: ``'mobilefacenet'`` (the paper's) or ``'mobilefacenet_tiny'`` (``TinyClient``)."""
-    if name == "mobilefacenet":
-        return mobilefacenet.DuetFaceClient(in_channels=in_channels, embedding_size=embedding_size, dtype=dtype)
-    if name == "mobilefacenet_tiny":
-        return TinyClient(in_channels=in_channels, embedding_size=embedding_size, dtype=dtype)
-    raise ValueError(f"config.duetface.client_backbone: unknown client {name!r}; choose one of {CLIENTS}")
+    """The client backbone ``name`` (``models.CLIENT_BACKBONES``: ``'mobilefacenet'``, the paper's, or
+    ``'mobilefacenet_tiny'``) with DuetFace's client output layer. Raises ValueError for another name."""
+    if name not in models.CLIENT_BACKBONES:
+        raise ValueError(f"config.duetface.client_backbone: unknown client {name!r}; choose one of "
+                         f"{models.CLIENT_BACKBONES}")
+    return models.get_model(name, in_channels=in_channels, embedding_size=embedding_size, head="client", dtype=dtype)
 
 
 class DuetFaceModel(nn.Module):
     """Client backbone + server IResNet with an interactive block after each stage.
 
     Fields: ``server_model`` (an ``IResNet`` with ``in_channels`` = server
-    channels) and ``client_model`` (``DuetFaceClient`` / ``TinyClient``).
+    channels) and ``client_model`` (``MobileFaceNet`` / ``MobileFaceNetTiny``, client head).
     Variables: ``client_model/...``, ``server_model/...`` (incl.
     ``body_<i>/embedding_layer/weight``) and ``attention_<s>/{kernel,bias}``.
 

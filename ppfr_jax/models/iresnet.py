@@ -285,13 +285,6 @@ IRSE200 = _variant(200, "ir_se")
 IR_TINY = functools.partial(IResNet, stage_sizes=(1, 1, 1, 1), widths=(8, 16, 16, 32), stem_width=8,
                             embedding_size=32)
 
-# TFace ``get_model`` names (IR_101 is the 100-layer net there too).
-VARIANTS = {
-    "IR_18": IR18, "IR_34": IR34, "IR_50": IR50, "IR_101": IR100, "IR_152": IR152, "IR_200": IR200,
-    "IR_SE_50": IRSE50, "IR_SE_101": IRSE100, "IR_SE_152": IRSE152, "IR_SE_200": IRSE200,
-}
-
-
 def TORCH_RENAME(flax_module_path: str) -> str:  # noqa: N802 - a table-like constant for torch_to_flax
     """Flax module path -> PyTorch module path (only the SE block differs from the convention)."""
     return flax_module_path.replace("/", ".").replace("res_layer_se_block", "res_layer.se_block")

@@ -37,7 +37,7 @@ DuetFace ``ClientBackbone`` naming is the rename table ``CLIENT_TORCH_RENAME``.
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -49,7 +49,6 @@ from ppfr_jax.models.layers import PReLU, batch_norm, conv, dense, flatten_nchw
 Dtype = Any
 
 INPUT_SIZE = 112
-FEATURE_BLOCKS = ("conv_23", "conv_34", "conv_45", "conv_6_sep")  # DuetFace client body_1/3/5/7
 
 
 class ConvBlock(nn.Module):
@@ -179,6 +178,41 @@ class MobileFaceNet(nn.Module):
         x = Residual(2, 256, name="conv_5", **kw)(x, train)
         f7 = x = ConvBlock(512, name="conv_6_sep", **kw)(x, train)
         emb = OutputLayer(self.embedding_size, client=self.head == "client", name="output_layer", **kw)(x, train)
+        return (emb, (f1, f3, f5, f7)) if return_features else emb
+
+
+class MobileFaceNetTiny(nn.Module):
+    """MobileFaceNet's layout at toy widths, for tests and CPU demos (DuetFace's demo client).
+
+    stem 3x3 s2 -> conv_23 (s2, 28x28) -> conv_34 (s2, 14x14) -> conv_45 (s2,
+    7x7) -> conv_6_sep (1x1) -> output layer. Same call and returns as
+    :class:`MobileFaceNet` (``return_features`` gives the maps at 28, 14, 7, 7
+    that DuetFace's server stages consume). ``head='client'`` (default, the
+    DuetFace client's output layer) or ``'gdc'`` (a plain recogniser's).
+    """
+
+    in_channels: int = 3
+    widths: Sequence[int] = (16, 24, 32, 64)
+    embedding_size: int = 64
+    head: str = "client"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, *, return_features: bool = False):
+        if self.head not in ("gdc", "client"):
+            raise ValueError(f"MobileFaceNetTiny head must be 'gdc' or 'client', got {self.head!r}")
+        if x.ndim != 4 or x.shape[1:] != (INPUT_SIZE, INPUT_SIZE, self.in_channels):
+            raise ValueError(f"MobileFaceNetTiny expects NHWC input (N, {INPUT_SIZE}, {INPUT_SIZE}, "
+                             f"{self.in_channels}), got {x.shape}")
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        w = self.widths
+        x = ConvBlock(w[0], 3, 2, 1, name="conv1", **kw)(jnp.asarray(x, self.dtype), train)
+        f1 = DepthWise(w[0], 2 * w[0], name="conv_23", **kw)(x, train)
+        f3 = DepthWise(w[1], 2 * w[0], name="conv_34", **kw)(f1, train)
+        f5 = DepthWise(w[2], 2 * w[1], name="conv_45", **kw)(f3, train)
+        f7 = ConvBlock(w[3], name="conv_6_sep", **kw)(f5, train)
+        emb = OutputLayer(self.embedding_size, client=self.head == "client", name="output_layer", **kw)(f7, train)
         return (emb, (f1, f3, f5, f7)) if return_features else emb
 
 
