@@ -31,12 +31,9 @@ writes ``<out>/<identity>/<file>.jpg`` for every image with a landmark row.
 """
 from __future__ import annotations
 
-import argparse
-import concurrent.futures
 import io
 import os
 import pathlib
-import sys
 from typing import Mapping
 
 import numpy as np
@@ -279,66 +276,9 @@ class LandmarkLookup:
         return self.by_tail.get(self._tail(path))
 
 
-def _align_file(src: str, dst: str, lm: np.ndarray, template_name: str, quality: int) -> None:
-    aligned, _ = align_face(image_io.decode_rgb(src), lm, template_name)
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    Image.fromarray(aligned).save(dst, "JPEG", quality=quality)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="ppfr-align", description=(
-        "Similarity-align face images to a 5-point template (folder per identity in, same layout out)."))
-    p.add_argument("--images", required=True, help="input root (one sub-folder per identity)")
-    p.add_argument("--landmarks", required=True,
-                   help="TSV/space table: path x1 y1 ... x5 y5 (paths relative to --images, or ending in identity/file)")
-    p.add_argument("--out", required=True, help="output root")
-    p.add_argument("--template", default="arcface", choices=sorted(TEMPLATES))
-    p.add_argument("--quality", type=int, default=95, help="JPEG quality of the aligned images")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--skip-missing", action="store_true",
-                   help="skip images without a landmark row (default: error)")
-    a = p.parse_args(argv)
-    lookup = LandmarkLookup(read_landmarks_tsv(a.landmarks))
-    root = pathlib.Path(a.images)
-    exts = set(image_io.EXTENSIONS)
-    files = sorted(q for q in root.rglob("*") if q.suffix.lower() in exts and q.is_file())
-    if not files:
-        print(f"ppfr-align: no images under {root}", file=sys.stderr)
-        return 2
-    jobs, missing = [], []
-    for f in files:
-        rel = f.relative_to(root).as_posix()
-        lm = lookup.get(rel)
-        if lm is None:
-            missing.append(rel)
-            continue
-        jobs.append((str(f), str(pathlib.Path(a.out) / pathlib.Path(rel).with_suffix(".jpg")), lm))
-    if missing and not a.skip_missing:
-        print(f"ppfr-align: {len(missing)} images have no landmark row in {a.landmarks}, e.g. {missing[0]} "
-              "(use --skip-missing to skip them)", file=sys.stderr)
-        return 2
-    with concurrent.futures.ThreadPoolExecutor(a.workers) as ex:
-        futs = [ex.submit(_align_file, s, d, lm, a.template, a.quality) for s, d, lm in jobs]
-        for fut, (s, _, _) in zip(futs, jobs):
-            try:
-                fut.result()
-            except image_io.ImageDecodeError as e:  # names the file already
-                print(f"ppfr-align: error: {e}", file=sys.stderr)
-                return 2
-            except (OSError, ValueError) as e:  # the landmarks (singular warp) or the output
-                print(f"ppfr-align: error: {s}: {type(e).__name__}: {e}", file=sys.stderr)
-                return 2
-    print(f"ppfr-align: wrote {len(jobs)} images to {a.out} (template {a.template}); "
-          f"skipped {len(missing)} without landmarks")
-    return 0
-
-
 def encode_jpeg(image: np.ndarray, quality: int = 90) -> bytes:
     """(H, W, 3) uint8 -> JPEG bytes (PIL, 4:2:0 as PIL's default)."""
     buf = io.BytesIO()
     Image.fromarray(np.asarray(image, np.uint8)).save(buf, "JPEG", quality=quality)
     return buf.getvalue()
 
-
-if __name__ == "__main__":
-    sys.exit(main())

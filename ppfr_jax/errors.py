@@ -18,3 +18,7 @@ class RunError(PpfrError, RuntimeError):
 
 class NonFiniteLossError(PpfrError, FloatingPointError):
     """An update made the loss, gradients or the new state non-finite; it was not applied or saved."""
+
+
+class CheckpointSaveError(RunError):
+    """Saving a checkpoint failed; the run stopped at once (the checkpoints before it are intact)."""

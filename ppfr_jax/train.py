@@ -52,7 +52,7 @@ from ppfr_jax import config_lib, data, methods
 from ppfr_jax.checkpoints import (_short, all_finite, check_writable, checkpoint_manager, checkpoint_steps,
                                   probe_write, quarantine, restore_newest_intact, save_checkpoint, workdir_lock,
                                   workdir_path)
-from ppfr_jax.errors import NonFiniteLossError, RunError
+from ppfr_jax.errors import CheckpointSaveError, NonFiniteLossError, RunError
 from ppfr_jax.optim import make_optimizer, make_schedule, steps_per_epoch
 from ppfr_jax.sharding import (batch_sharding, create_mesh, global_batch_size, make_global_batch,
                                maybe_initialize_distributed, padded_num_classes, state_shardings)
@@ -340,9 +340,9 @@ def _train_locked(config, workdir: str) -> dict:
     saving: list[int] = []  # steps whose (asynchronous) save may still fail
     step = int(jax.device_get(state.step))
 
-    def save_failed(e: BaseException) -> RunError:
+    def save_failed(e: BaseException) -> CheckpointSaveError:
         where = ckdir / str(saving[-1]) if saving else ckdir
-        return RunError(f"saving the checkpoint {where} failed ({_short(e)}); the run stops here, at step {step}: "
+        return CheckpointSaveError(f"saving the checkpoint {where} failed ({_short(e)}); the run stops here, at step {step}: "
                         f"the checkpoints before it are intact. Check the folder's permissions and free space.")
 
     failed = False

@@ -4,6 +4,7 @@ import pytest
 from PIL import Image
 
 from ppfr_jax import align
+from ppfr_jax.cli import align as align_cli
 
 
 def _similarity(angle, scale, tx, ty):
@@ -145,15 +146,15 @@ def test_cli_aligns_a_folder(tmp_path):
         rows.append(f"{ident}/{f.name}\t" + "\t".join(f"{v:.3f}" for v in lm.reshape(-1)))
     (tmp_path / "lm.tsv").write_text("\n".join(rows) + "\n")
     out = tmp_path / "out"
-    assert align.main(["--images", str(src), "--landmarks", str(tmp_path / "lm.tsv"), "--out", str(out),
+    assert align_cli.main(["--images", str(src), "--landmarks", str(tmp_path / "lm.tsv"), "--out", str(out),
                        "--template", "sphereface", "--workers", "2"]) == 0
     for ident in ("Ann", "Bob"):
         with Image.open(out / ident / f"{ident}_0001.jpg") as im:
             assert im.size == (96, 112)
     # an image without a landmark row is an error unless skipped
     Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(src / "Bob" / "Bob_0002.jpg")
-    assert align.main(["--images", str(src), "--landmarks", str(tmp_path / "lm.tsv"), "--out", str(out)]) == 2
-    assert align.main(["--images", str(src), "--landmarks", str(tmp_path / "lm.tsv"), "--out", str(out),
+    assert align_cli.main(["--images", str(src), "--landmarks", str(tmp_path / "lm.tsv"), "--out", str(out)]) == 2
+    assert align_cli.main(["--images", str(src), "--landmarks", str(tmp_path / "lm.tsv"), "--out", str(out),
                        "--skip-missing"]) == 0
 
 
