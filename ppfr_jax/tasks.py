@@ -67,7 +67,8 @@ class RecognitionTask:
 
     # -- input ---------------------------------------------------------------------------------
     def model_input(self, images, rng=None):
-        """What the backbone sees: normalised RGB, or its DCT channels."""
+        """What the backbone sees: (B, 112, 112, 3) normalised RGB in [-1, 1], or its (B, 112, 112, 192) DCT
+        channels (``config.model.input == 'dct'``). ``images``: uint8 (B, 112, 112, 3) or float in [-1, 1]."""
         x = normalise_images(images)
         if self.config.model.input == "dct":
             x = frequency.dct_transform(x)
@@ -75,6 +76,12 @@ class RecognitionTask:
 
     # -- pure functions --------------------------------------------------------------------------
     def init(self, rng, images, labels):
+        """-> variables ``{'params': {backbone, head}, 'batch_stats': {backbone}[, 'head_state': {head}]}``.
+
+        Args:
+          rng: a ``jax.random`` key.
+          images: uint8 (B, 112, 112, 3) (shapes only matter); labels: int32 (B,) in [0, num_classes).
+        """
         r_b, r_h = jax.random.split(rng)
         x = self.model_input(images)
         bb = self.backbone.init({"params": r_b, "dropout": r_b}, x, train=False)
@@ -101,6 +108,16 @@ class RecognitionTask:
         return self.features(params, model_state, batch["image"], rng, train, batch.get("landmarks"))
 
     def loss(self, params, model_state, batch, rng, train=True):
+        """The training objective of one batch.
+
+        Args:
+          params: the ``params`` collection; model_state: the other collections (``batch_stats``...).
+          batch: ``{'image': uint8 (B, 112, 112, 3), 'label': int32 (B,)}`` plus the fields the task reads.
+          rng: a ``jax.random`` key (dropout, sampling); train: BatchNorm batch statistics and dropout on.
+        Returns:
+          ``(loss, (metrics, new_model_state))``: scalar loss, a dict of scalar metrics (``loss``,
+          ``accuracy``, ...), the updated model state.
+        """
         r_f, r_h = jax.random.split(rng)
         emb, new_state = self.batch_features(params, model_state, batch, r_f, train)
         head_vars = {"params": params["head"]}
@@ -115,11 +132,14 @@ class RecognitionTask:
         return loss, (metrics, new_state)
 
     def embed(self, variables, images):
+        """Verification embeddings (B, E) (not normalised) of uint8 (B, 112, 112, 3) faces, in inference mode."""
         x = self.model_input(images)
         return self.backbone.apply({"params": variables["params"]["backbone"],
                                     "batch_stats": variables["batch_stats"]["backbone"]}, x, train=False)
 
     def param_group(self, path: tuple[str, ...]) -> str:
+        """The optimiser group of the parameter at ``path`` (names): ``'default'``, ``'frozen'`` (never updated) or
+        a key of ``config.optim.lr_multipliers``."""
         return "default"
 
     def decays(self, path: tuple[str, ...]) -> bool:

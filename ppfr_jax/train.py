@@ -59,6 +59,10 @@ from ppfr_jax.sharding import (batch_sharding, create_mesh, global_batch_size, m
 
 @flax.struct.dataclass
 class TrainState:
+    """What a checkpoint holds. ``step``: int32 scalar, updates applied so far; ``params``: the task's
+    ``params`` collection; ``model_state``: its other collections (``batch_stats``, ``head_state``,
+    ``frozen``); ``opt_state``: optax state; ``bad_step``: int32 scalar, -1 or the first non-finite step."""
+
     step: jax.Array
     params: Any
     model_state: Any  # {'batch_stats': ..., ['head_state': ...]}
@@ -74,6 +78,16 @@ class TrainState:
 
 
 def create_train_state(task, tx, rng, example_batch) -> TrainState:
+    """A fresh state: ``task.init(rng, images, labels)`` split into params and model state, ``tx.init(params)``.
+
+    Args:
+      task: a ``tasks.RecognitionTask`` (or subclass).
+      tx: the optax transformation (``optim.make_optimizer``).
+      rng: a ``jax.random`` key.
+      example_batch: ``{'image': uint8 (B, 112, 112, 3), 'label': int32 (B,)}``; only shapes matter.
+    Returns:
+      a ``TrainState`` at step 0.
+    """
     variables = task.init(rng, example_batch["image"], example_batch["label"])
     params = variables.pop("params")
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables,
@@ -83,6 +97,18 @@ def create_train_state(task, tx, rng, example_batch) -> TrainState:
 
 
 def train_step(state: TrainState, batch, rng, *, task, tx, schedule):
+    """One SGD update; a non-finite one is not applied (``bad_step`` records it).
+
+    Args:
+      state: the current ``TrainState`` (donated by ``compile_train_step``).
+      batch: the global batch, ``{'image': uint8 (B, 112, 112, 3), 'label': int32 (B,)}`` plus the fields the
+        task reads (``landmarks`` float32 (B, 98, 2), ``roi`` (B, 112, 112, 1), ``perms`` (B, n, 192)).
+      rng: the run's step key; folded with ``state.step`` so each step draws its own randomness.
+      task, tx, schedule: the task, its optax transformation and the LR schedule (``Setup``).
+    Returns:
+      ``(new_state, metrics)``; metrics are scalars: ``loss``, ``accuracy``, the task's extra terms,
+      ``learning_rate``, ``grad_norm``, ``param_norm``.
+    """
     rng = jax.random.fold_in(rng, state.step)
 
     def loss_fn(params):
@@ -227,7 +253,19 @@ class Setup:
 
 
 def build(config, num_classes: int, dataset_size: int, mesh: Mesh | None = None) -> Setup:
-    """Everything but data and state values: mesh, task, optimiser, shardings."""
+    """Everything but data and state values: mesh, task, optimiser, shardings.
+
+    Args:
+      config: a validated training config.
+      num_classes: identities in the training data (the head is padded to ``sharding.padded_num_classes``).
+      dataset_size: training images (sets the epoch length unless ``config.steps_per_epoch``).
+      mesh: the device mesh (default ``sharding.create_mesh(config)``).
+    Returns:
+      a ``Setup``: mesh, task, tx, schedule, state shardings, the abstract (sharded) state, global batch,
+      classes, steps per epoch and the run's total steps.
+    Raises:
+      ValueError: a global batch the data-parallel devices / processes do not divide; unknown task.
+    """
     mesh = mesh or create_mesh(config)
     gb = global_batch_size(config, mesh)
     spe = steps_per_epoch(config, dataset_size, gb)
@@ -245,12 +283,17 @@ def build(config, num_classes: int, dataset_size: int, mesh: Mesh | None = None)
 
 
 def init_state(setup: Setup, rng) -> TrainState:
+    """A fresh ``TrainState`` created directly in its shardings (``jax.jit(out_shardings=...)``): never whole on one
+    device. ``rng``: a ``jax.random`` key."""
     example = {"image": jnp.zeros((2, 112, 112, 3), jnp.uint8), "label": jnp.zeros((2,), jnp.int32)}
     init = jax.jit(lambda r: create_train_state(setup.task, setup.tx, r, example), out_shardings=setup.state_sharding)
     return init(rng)
 
 
 def compile_train_step(setup: Setup):
+    """``jax.jit(train_step)`` for this setup: state donated and sharded as ``setup.state_sharding``, the batch
+    sharded on the ``data`` axis, rng and metrics replicated. Call as ``step_fn(state, batch, rng)`` with
+    ``batch`` from ``sharding.make_global_batch``; -> ``(new_state, metrics)``."""
     step = functools.partial(train_step, task=setup.task, tx=setup.tx, schedule=setup.schedule)
     bs = batch_sharding(setup.mesh)
     rep = NamedSharding(setup.mesh, P())
