@@ -52,7 +52,7 @@ from ppfr_jax import config_lib, data, methods
 from ppfr_jax.checkpoints import (_short, all_finite, check_writable, checkpoint_manager, checkpoint_steps,
                                   probe_write, quarantine, restore_newest_intact, save_checkpoint, workdir_lock,
                                   workdir_path)
-from ppfr_jax.errors import CheckpointSaveError, NonFiniteLossError, RunError
+from ppfr_jax.errors import CheckpointSaveError, NonFiniteLossError
 from ppfr_jax.optim import make_optimizer, make_schedule, steps_per_epoch
 from ppfr_jax.sharding import (batch_sharding, create_mesh, global_batch_size, make_global_batch,
                                maybe_initialize_distributed, padded_num_classes, state_shardings)
