@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import golden_state_dict, load_golden, suggested_atol
-from ppfr_jax import frequency, methods, roi, train
+from ppfr_jax import checkpoints, frequency, methods, roi, train
 from ppfr_jax.models import duetface, pfld
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -177,7 +177,7 @@ def test_batch_roi_replaces_the_computed_roi(monkeypatch):
     c = duetface_config.get_config("server,tiny,client_workdir=unused,roi=dataset")
     client = duetface.build_client(c.duetface.client_backbone, 30, c.duetface.client_embedding_size)
     cv = client.init(jax.random.key(3), jnp.zeros((1, 112, 112, 30)), train=False)
-    monkeypatch.setattr(duetface, "restore_engine_variables", lambda wd, step=None: (
+    monkeypatch.setattr(checkpoints, "restore_variables", lambda wd, step=None: (
         {"params": {"backbone": cv["params"]}, "batch_stats": {"backbone": cv["batch_stats"]}}, 1))
     task = duetface.DuetFaceTask(c, 10)
     images = np.random.default_rng(0).integers(0, 256, (2, 112, 112, 3), dtype=np.uint8)
@@ -232,8 +232,8 @@ def test_server_stage_refuses_without_client_checkpoint(tmp_path):
 @pytest.mark.slow  # shares one two-stage run (~1-2 min on 2 cores)
 def test_two_stage_run_keeps_client_frozen(two_stage):
     client_wd, server_wd, _ = two_stage
-    v1, _ = duetface.restore_engine_variables(client_wd)
-    v2, step = duetface.restore_engine_variables(server_wd)
+    v1, _ = checkpoints.restore_variables(client_wd)
+    v2, step = checkpoints.restore_variables(server_wd)
     assert step == 2
     frozen = v2["frozen"]["client_model"]
     for col, got in (("params", frozen["params"]), ("batch_stats", frozen["batch_stats"])):
@@ -250,7 +250,7 @@ def test_two_stage_run_keeps_client_frozen(two_stage):
 def test_deployment_split_sends_only_server_channels_and_masks(two_stage):
     _, server_wd, config = two_stage
     task = methods.make_task(config, 10, 128)
-    variables, _ = duetface.restore_engine_variables(server_wd)
+    variables, _ = checkpoints.restore_variables(server_wd)
     images = np.random.default_rng(0).integers(0, 256, (4, 112, 112, 3), dtype=np.uint8)
 
     sent = jax.jit(task.client_side)(variables, images)

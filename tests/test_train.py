@@ -402,7 +402,7 @@ def test_a_passing_failure_is_not_damage(base_run, tmp_path, monkeypatch, err):
 
     def fail(*a, **k):
         raise err
-    monkeypatch.setattr(train, "restore_checkpoint", fail)
+    monkeypatch.setattr(checkpoints, "restore_checkpoint", fail)
     with pytest.raises(type(err), match=str(err)):
         checkpoints.restore_newest_intact(wd, _setup_for(base_run[1]).abstract_state, 13)
     assert checkpoints.checkpoint_steps(wd) == [1, 2, 3, 4]
@@ -473,7 +473,7 @@ def test_any_device_count_resumes_any_checkpoint(tmp_path, saved_on, resumed_on)
 _HOLDER = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {root!r})
-    from ppfr_jax import train
+    from ppfr_jax import checkpoints
     with checkpoints.workdir_lock({wd!r}):
         print("LOCKED", flush=True)
         time.sleep(600)
@@ -557,7 +557,8 @@ def test_folder_made_unwritable_mid_run_stops_without_the_orbax_timeout(tmp_path
         if len(calls) == 3:  # 1: the check before training, 2: before save 1, 3: before save 2
             subprocess.run(["chattr", "+i", str(wd / "checkpoints")], check=True)
         return real(folder)
-    monkeypatch.setattr(train, "probe_write", lock_before_second_save)
+    monkeypatch.setattr(checkpoints, "probe_write", lock_before_second_save)  # check_writable's
+    monkeypatch.setattr(train, "probe_write", lock_before_second_save)  # the engine's, before each save
     saves = []
     real_save = checkpoints.save_checkpoint
     monkeypatch.setattr(train, "save_checkpoint", lambda m, s, meta, metrics=None: (
