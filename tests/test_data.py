@@ -448,3 +448,5 @@ def test_records_cli_names_a_bad_index(tmp_path, capsys):
     assert records_cli.main(["verify", "--index", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("ppfr-records: error: ") and "bad.txt line 1" in err
+    assert records_cli.main(["verify", "--index", str(tmp_path / "none.txt")]) == 2
+    assert "none.txt" in capsys.readouterr().err

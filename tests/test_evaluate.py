@@ -331,6 +331,9 @@ def test_cli_names_a_bad_set(tmp_path, capsys):
     assert eval_cli.main(["--model", "_test_pixels", "--checkpoint", "-", "--pairs", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("ppfr-eval: error: ") and "bad.bin" in err
+    assert eval_cli.main(["--model", "_test_pixels", "--checkpoint", "-", "--pairs", str(tmp_path / "p.txt"),
+                          "--images", str(tmp_path)]) == 2
+    assert "p.txt" in capsys.readouterr().err
 
 
 def test_imports_without_tensorflow():

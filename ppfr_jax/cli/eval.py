@@ -6,7 +6,7 @@ demo|x.bin|pairs.txt [--pairs ...]`` loads the recognizer
 aligned from a sibling ``derived/lfw-deepfunneled_5pt.tsv`` when it exists),
 embeds it (``evaluate.embed``) and prints the 10-fold accuracy per set
 (``--json``: also fold accuracies, thresholds, TPR@FPR). A bad input the
-user can fix (``PpfrError``) is ``ppfr-eval: error: ...``, exit 2.
+user can fix (``PpfrError``, a missing file) is ``ppfr-eval: error: ...``, exit 2.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pathlib
 import time
 from typing import Sequence
 
-from ppfr_jax.cli import run_cli
+from ppfr_jax.cli import error_exit, run_cli
 from ppfr_jax.evaluate.recognizers import MODELS, evaluate_set
 from ppfr_jax.evaluate.sets import load_set
 
@@ -43,6 +43,13 @@ def _main(argv: Sequence[str] | None) -> int:
     a = p.parse_args(argv)
     if a.model not in MODELS:
         p.error(f"unknown --model {a.model!r}; known: {sorted(MODELS)}")
+    try:
+        return _evaluate(a)
+    except OSError as e:  # a checkpoint, pairs file or image root that is not there: the user's to fix
+        return error_exit(PROG, e)
+
+
+def _evaluate(a: argparse.Namespace) -> int:
     rec = MODELS[a.model](a.checkpoint)
     flip = rec.flip if a.flip is None else (None if a.flip == "none" else a.flip)
     template = a.template or rec.template

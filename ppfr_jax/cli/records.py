@@ -4,14 +4,14 @@
 image folder (one sub-folder per identity) into TFace's layout;
 ``ppfr-records verify --index X.txt [--data-root DIR]`` checks every record of
 an index as training reads it and lists the bad ones (exit 1 when any).
-A bad input the user can fix (``BadRecordError``) is ``ppfr-records: error: ...``, exit 2.
+A bad input the user can fix (``BadRecordError``, a missing file) is ``ppfr-records: error: ...``, exit 2.
 """
 from __future__ import annotations
 
 import argparse
 from typing import Sequence
 
-from ppfr_jax.cli import run_cli
+from ppfr_jax.cli import error_exit, run_cli
 from ppfr_jax.data.sources import image_folder_to_tface, tface_source
 
 PROG = "ppfr-records"
@@ -36,6 +36,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def _main(argv: Sequence[str] | None) -> int:
     a = _parser().parse_args(argv)
+    try:
+        return _run(a)
+    except OSError as e:  # a folder or index that is not there (or not readable): the user's to fix
+        return error_exit(PROG, e)
+
+
+def _run(a: argparse.Namespace) -> int:
     if a.cmd == "to-tfrecord":
         out = image_folder_to_tface(a.images, a.out, a.name, landmarks=a.landmarks,
                                     shard_size=a.shard_size, skip_bad=a.skip_bad)
