@@ -17,13 +17,14 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from _common import emit  # noqa: E402
-from ppfr_jax import input_pipeline as ip  # noqa: E402
+from ppfr_jax.data.pipeline import TrainIterator  # noqa: E402
+from ppfr_jax.data.sources import tface_source  # noqa: E402
 from ppfr_jax.demo_data import demo_paths  # noqa: E402
 
 
 def run(src, batch, steps, threads, with_landmarks, dtype):
-    it = ip.TrainIterator(src, global_batch=batch, seed=0, with_landmarks=with_landmarks, output_dtype=dtype,
-                          threads=threads or None, process_index=0, process_count=1, prefetch=2)
+    it = TrainIterator(src, global_batch=batch, seed=0, with_landmarks=with_landmarks, output_dtype=dtype,
+                       threads=threads or None, process_index=0, process_count=1, prefetch=2)
     for _ in range(3):  # warm-up: graph building, thread start, first file reads
         next(it)
     t0 = time.perf_counter()
@@ -40,7 +41,7 @@ def main():
     p.add_argument("--threads", default="1,0", help="comma list; 0 = TF default pool (all cores)")
     a = p.parse_args()
     paths = demo_paths()
-    src = ip.tface_source(paths["train_index"], paths["train_root"])
+    src = tface_source(paths["train_index"], paths["train_root"])
     cores = len(os.sched_getaffinity(0))
     for threads in (int(t) for t in a.threads.split(",")):
         for with_lm, dtype in ((False, "float32"), (True, "float32"), (False, "uint8")):

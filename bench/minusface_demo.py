@@ -77,7 +77,7 @@ def report(stage1: str, stage2: str | None = None, baseline: str | None = None, 
     task, variables, step = methods.load_for_inference(stage1)
     if getattr(task, "mode", None) != "stage1":
         raise SystemExit(f"--stage1 {stage1!r}: not a MinusFace stage-1 run (task {type(task).__name__})")
-    images, _ = evaluate.load_verification_set("demo")
+    images, _ = evaluate.load_set("demo").interleaved()
     images = np.asarray(images[:n_images])
     v = stage1_views(task, variables, images, jax.random.key(0))
     rec = {"bench": "minusface_demo", "stage1_workdir": stage1, "stage1_step": step, "images": len(images)}

@@ -53,6 +53,7 @@ from ppfr_jax.checkpoints import (_short, all_finite, check_writable, checkpoint
                                   probe_write, quarantine, restore_newest_intact, save_checkpoint, workdir_lock,
                                   workdir_path)
 from ppfr_jax.errors import CheckpointSaveError, NonFiniteLossError
+from ppfr_jax.evaluate.evaluator import VerificationEvaluator
 from ppfr_jax.optim import make_optimizer, make_schedule, steps_per_epoch
 from ppfr_jax.sharding import (batch_sharding, create_mesh, global_batch_size, make_global_batch,
                                maybe_initialize_distributed, padded_num_classes, state_shardings)
@@ -135,52 +136,12 @@ def train_step(state: TrainState, batch, rng, *, task, tx, schedule):
     return new_state, metrics
 
 
-# ----------------------------------------------------------------------------- data
-
-
-def eval_source(config):
-    """-> (images uint8 (N,112,112,3), issame (N//2,)) or None."""
-    if not config.eval.get("pairs"):
-        return None
-    from ppfr_jax import evaluate
-    return evaluate.load_verification_set(config.eval.pairs)
-
-
 # ----------------------------------------------------------------------------- evaluation
 
 
-def make_embed_fn(task, mesh):
-    rep = NamedSharding(mesh, P())
-
-    @jax.jit
-    def embed(variables, images):
-        e = task.embed(variables, images)
-        if task.config.eval.get("flip", True):
-            e = e + task.embed(variables, images[:, :, ::-1, :])
-        return jax.lax.with_sharding_constraint(e.astype(jnp.float32), rep)
-
-    return embed
-
-
-def run_verification(embed, variables, images, issame, mesh, batch_size) -> dict:
-    from ppfr_jax import evaluate
-    n_dev = mesh.devices.size
-    bs = max(n_dev, (batch_size // n_dev) * n_dev)
-    outs = []
-    for i in range(0, len(images), bs):
-        chunk = images[i:i + bs]
-        pad = bs - len(chunk)
-        if pad:
-            chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-        arr = jax.device_put(chunk, batch_sharding(mesh))
-        outs.append(np.asarray(embed(variables, arr))[:bs - pad])
-    emb = np.concatenate(outs)
-    res = evaluate.verify(emb, issame)
-    # squared L2 between unit embeddings (flip-summed); ppfr-verify turns it into a cosine
-    return {"accuracy": float(res["accuracy_mean"]), "std": float(res["accuracy_std"]),
-            "threshold": float(np.mean(res["best_thresholds"]))}
-
-
+def make_evaluator(config, setup: Setup) -> VerificationEvaluator | None:
+    """The DevTest evaluator of ``config.eval`` (None without ``eval.pairs``): the task's embedding, sharded."""
+    return VerificationEvaluator.from_config(config, setup.task.embed, batch_sharding(setup.mesh))
 
 
 def _finished_results(workdir: str, config, step: int, setup: Setup, state, mesh) -> dict:
@@ -203,11 +164,8 @@ def _finished_results(workdir: str, config, step: int, setup: Setup, state, mesh
                   f"(from {f}); nothing was changed", flush=True)
         return rec
     # the final checkpoint exists but its results were never recorded (killed while writing them)
-    eval_data = eval_source(config)
-    last_eval = {}
-    if eval_data is not None:
-        last_eval = run_verification(make_embed_fn(setup.task, mesh), _variables(state), eval_data[0], eval_data[1],
-                                     mesh, config.eval.batch_size)
+    evaluator = make_evaluator(config, setup)
+    last_eval = evaluator.run(_variables(state)) if evaluator is not None else {}
     results = _results(config, step, 0.0, last_eval, setup, mesh)
     if jax.process_index() == 0:
         f.write_text(json.dumps(results, indent=1, default=str))
@@ -363,8 +321,7 @@ def _train_locked(config, workdir: str) -> dict:
         logging.info("resumed from %s at step %d", workdir, resume_step)
     mngr = checkpoint_manager(workdir, config)
     step_fn = compile_train_step(setup)
-    embed_fn = make_embed_fn(setup.task, mesh)
-    eval_data = eval_source(config)
+    evaluator = make_evaluator(config, setup)
 
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     if resume_step == 0:
@@ -411,10 +368,9 @@ def _train_locked(config, workdir: str) -> dict:
                 if jax.process_index() == 0:
                     print(f"step {step}/{setup.num_steps} loss {summary['loss']:.4f} acc {summary['accuracy']:.3f} "
                           f"lr {summary['learning_rate']:.4g}", flush=True)
-            do_eval = eval_data is not None and (is_last or (config.eval.every_steps and step % config.eval.every_steps == 0))
+            do_eval = evaluator is not None and (is_last or (config.eval.every_steps and step % config.eval.every_steps == 0))
             if do_eval:
-                r = run_verification(embed_fn, _variables(state), eval_data[0], eval_data[1], mesh,
-                                     config.eval.batch_size)
+                r = evaluator.run(_variables(state))
                 last_eval = r
                 writer.write_scalars(step, {"eval/devtest_accuracy": r["accuracy"], "eval/devtest_std": r["std"]})
                 if jax.process_index() == 0:

@@ -1,4 +1,4 @@
-"""Verification protocol, readers and ppfr-eval (ppfr_jax.evaluate)."""
+"""Verification protocol, readers and ppfr-eval (ppfr_jax.evaluate, ppfr_jax.cli.eval)."""
 import io
 import json
 import os
@@ -13,6 +13,7 @@ from PIL import Image
 
 from conftest import block_mean_recognizer, load_golden, suggested_atol
 from ppfr_jax import evaluate as ev
+from ppfr_jax.cli import eval as eval_cli
 
 
 # ----------------------------------------------------------------------------- protocol
@@ -282,7 +283,7 @@ def test_pairs_with_alignment(tmp_path):
 
 
 def test_demo_set():
-    images, issame = ev.load_verification_set("demo")
+    images, issame = ev.load_set("demo").interleaved()
     assert images.shape == (2000, 112, 112, 3) and images.dtype == np.uint8
     assert issame.shape == (1000,) and issame.sum() == 500
     # 10 folds of 100 consecutive pairs, each half same / half different (a single-class
@@ -303,7 +304,7 @@ def _pixels(checkpoint):
 
 def test_cli_on_demo(tmp_path, capsys):
     out = tmp_path / "r.json"
-    assert ev.main(["--model", "_test_pixels", "--checkpoint", "-", "--pairs", "demo", "--json", str(out)]) == 0
+    assert eval_cli.main(["--model", "_test_pixels", "--checkpoint", "-", "--pairs", "demo", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "demo: accuracy" in printed and "+-" in printed
     r = json.loads(out.read_text())["demo"]
@@ -315,6 +316,24 @@ def test_ppfr_loader_names_a_missing_workdir(tmp_path):
         ev.MODELS["ppfr"](str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="config.json"):
         ev.MODELS["ppfr"](str(tmp_path))
+
+
+def test_protocol_imports_without_jax():
+    # the 10-fold protocol is numpy only: usable (and testable) where JAX is not installed
+    code = ("import sys, ppfr_jax.evaluate.protocol, ppfr_jax.evaluate.sets; from ppfr_jax import evaluate; "
+            "evaluate.verify, evaluate.load_set; assert 'jax' not in sys.modules, 'jax imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+def test_cli_names_a_bad_set(tmp_path, capsys):
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(b"not a pickle")
+    assert eval_cli.main(["--model", "_test_pixels", "--checkpoint", "-", "--pairs", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ppfr-eval: error: ") and "bad.bin" in err
+    assert eval_cli.main(["--model", "_test_pixels", "--checkpoint", "-", "--pairs", str(tmp_path / "p.txt"),
+                          "--images", str(tmp_path)]) == 2
+    assert "p.txt" in capsys.readouterr().err
 
 
 def test_imports_without_tensorflow():

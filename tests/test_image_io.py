@@ -115,18 +115,18 @@ def test_decode_every_kind(name, files):
 def test_every_reader_gives_the_decoders_pixels(files, tmp_path):
     """Training (image folders and TFRecords through tf.data), .bin and image-list evaluation, the
     deployed client's reader and alignment: pixel-identical to ``decode_rgb`` for every file."""
-    from ppfr_jax import input_pipeline
+    from ppfr_jax.data import pipeline, records, sources
 
     want = np.stack([image_io.decode_rgb(CORPUS[n][0]) for n in NAMES])
     kw = dict(global_batch=len(NAMES), flip=False, shuffle=False, output_dtype="uint8", process_index=0,
               process_count=1)
-    folder = input_pipeline.image_folder_source(files)
+    folder = sources.image_folder_source(files)
     assert [os.path.basename(f) for f in folder.files] == NAMES
-    np.testing.assert_array_equal(next(input_pipeline.TrainIterator(folder, **kw))["image"], want)
+    np.testing.assert_array_equal(next(pipeline.TrainIterator(folder, **kw))["image"], want)
     recs = [(n, CORPUS[n][0], 0, None) for n in NAMES]
-    out = input_pipeline.write_tface_records(recs, tmp_path, "TFR-corpus")
-    tfr = input_pipeline.tface_source(out["index"])
-    np.testing.assert_array_equal(next(input_pipeline.TrainIterator(tfr, **kw))["image"], want)
+    out = records.write_tface_records(recs, tmp_path, "TFR-corpus")
+    tfr = sources.tface_source(out["index"])
+    np.testing.assert_array_equal(next(pipeline.TrainIterator(tfr, **kw))["image"], want)
     assert all(tfr.check(i) is None for i in range(len(tfr)))
 
     images, ok, _ = evaluate.decode_images([str(files / "id0" / n) for n in NAMES], size_hw=(S, S))

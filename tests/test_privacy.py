@@ -24,7 +24,7 @@ def privacy_config(arg: str):
 @pytest.fixture(scope="module")
 def faces() -> np.ndarray:
     """Four real aligned faces (uint8 (4, 112, 112, 3)) from the demo DevTest set."""
-    images, _ = evaluate.load_verification_set("demo")
+    images, _ = evaluate.load_set("demo").interleaved()
     return images[[0, 1, 2, 1000]]
 
 
@@ -187,7 +187,7 @@ def test_balanced_pair_subset():
     es = privacy.load_eval_set(config)
     assert es.issame.tolist() == [True, False] * 5  # LFW lists all same pairs first: not a prefix
     assert es.pairs.max() == len(es.images) - 1 and es.images.shape[1:] == (112, 112, 3)
-    images, same = evaluate.load_verification_set("demo")
+    images, same = evaluate.load_set("demo").interleaved()
     # pair 1 of the subset is the first "different" pair of the file
     first_diff = int(np.flatnonzero(~same)[0])
     np.testing.assert_array_equal(es.images[es.pairs[1]], images[2 * first_diff:2 * first_diff + 2])

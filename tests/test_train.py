@@ -444,6 +444,29 @@ def test_finished_run_run_again_changes_nothing(base_run, tmp_path, capsys):
     assert json.load(open(os.path.join(wd, "results.json")))["devtest_accuracy"] == r["devtest_accuracy"]
 
 
+def test_engine_verification_and_ppfr_eval_embed_alike(base_run):
+    """One embedding loop: the engine's DevTest evaluator and ``ppfr-eval --model ppfr`` give the same embeddings."""
+    from ppfr_jax import evaluate
+    from ppfr_jax.evaluate.evaluator import VerificationEvaluator
+    wd, c = base_run
+    task, variables, _ = methods.load_for_inference(wd)
+    vs = evaluate.load_set(c.eval.pairs)
+    images, _ = vs.interleaved()
+    rec = evaluate.MODELS["ppfr"](wd)  # what ppfr-eval loads
+    cli = evaluate.embed(rec.apply_fn, images, flip=rec.flip, preprocess=rec.preprocess,
+                         batch_size=c.eval.batch_size)
+    one_device = VerificationEvaluator(task.embed, vs, batch_size=c.eval.batch_size)
+    np.testing.assert_array_equal(one_device.embeddings(variables), cli)  # same function, same loop: same bits
+    # the engine's form: batches sharded over the 8 devices, output replicated; what the run recorded
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    engine = VerificationEvaluator.from_config(c, task.embed, sharding.batch_sharding(mesh))
+    np.testing.assert_allclose(engine.embeddings(variables), cli, rtol=1e-5, atol=1e-5)
+    r = engine.run(variables)
+    recorded = json.load(open(os.path.join(wd, "results.json")))
+    assert r["accuracy"] == recorded["devtest_accuracy"] and r["std"] == recorded["devtest_std"]
+    assert r["threshold"] == recorded["devtest_threshold"]
+
+
 @pytest.mark.parametrize("saved_on,resumed_on", [(4, 3), (3, 4), (8, 5)])
 def test_any_device_count_resumes_any_checkpoint(tmp_path, saved_on, resumed_on):
     import math

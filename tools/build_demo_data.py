@@ -5,7 +5,7 @@
 What it writes (see ``ppfr_jax/demo_data/README.md`` for provenance and terms):
 
 - ``train/TFR-lfw_demo.txt`` + ``train/TFR-lfw_demo/TFR-lfw_demo-00000.tfrecord`` (+ ``.index``):
-  TFace training format, written by ``ppfr_jax.input_pipeline.write_tface_records``.
+  TFace training format, written by ``ppfr_jax.data.records.write_tface_records``.
   Identities: LFW people NOT in ``pairsDevTest.txt`` with at least ``--min-images``
   images; at most ``--max-per-identity`` images each (lowest file numbers), so
   George_W_Bush's 530 do not dominate. Each record: the ArcFace-112 aligned face
@@ -45,6 +45,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ppfr_jax import align  # noqa: E402
+from ppfr_jax.data.records import write_tface_records  # noqa: E402  (TensorFlow only once it writes)
 
 NAME = "TFR-lfw_demo"
 
@@ -117,8 +118,6 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     lfw, out = pathlib.Path(a.lfw), pathlib.Path(a.out)
 
-    from ppfr_jax import input_pipeline  # TensorFlow: only for writing the records
-
     pairs = fold_order(read_pairs(lfw / "pairsDevTest.txt"))
     eval_ids = {x[0] for pr in pairs for x in pr[:2]}
     root = lfw / "lfw-deepfunneled"
@@ -139,7 +138,7 @@ def main(argv=None) -> int:
     if train_dir.exists():
         for f in sorted(train_dir.rglob("*"), reverse=True):
             f.unlink() if f.is_file() else f.rmdir()
-    info = input_pipeline.write_tface_records(records(), train_dir, NAME, shard_size=1_000_000)
+    info = write_tface_records(records(), train_dir, NAME, shard_size=1_000_000)
     n_train = int(info["count"])
 
     # --- evaluation pairs

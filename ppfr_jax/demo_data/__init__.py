@@ -3,11 +3,11 @@
 ``demo_paths()`` gives the files:
 
 - ``train_index``: TFace training index ``train/TFR-lfw_demo.txt`` (read with
-  ``ppfr_jax.input_pipeline.tface_source(train_index, train_root)``): 2,729 ArcFace-aligned
+  ``ppfr_jax.data.tface_source(train_index, train_root)``): 2,729 ArcFace-aligned
   112x112 faces of 115 LFW identities (not in pairsDevTest), each record with its 98 WFLW
   landmarks (normalised, aligned frame);
 - ``eval_bin``: insightface-style ``.bin`` of the 1,000 LFW View 1 DevTest pairs
-  (``ppfr_jax.evaluate.load_bin`` / ``load_verification_set("demo")``);
+  (``ppfr_jax.evaluate.load_bin`` / ``load_set("demo")``);
 - ``eval_landmarks``: ``.npz`` with the 98 landmarks of every ``.bin`` image.
 """
 from __future__ import annotations

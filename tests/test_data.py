@@ -1,6 +1,8 @@
-"""Training input pipeline (ppfr_jax.input_pipeline): sources, TFace format, order, bad data."""
+"""Training data (ppfr_jax.data): sources, TFace format, order, bad data, ``ppfr-records``."""
 import io
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -8,7 +10,11 @@ from PIL import Image
 
 tf = pytest.importorskip("tensorflow")
 
-from ppfr_jax import input_pipeline as ip  # noqa: E402
+from ppfr_jax import data  # noqa: E402
+from ppfr_jax.cli import records as records_cli  # noqa: E402
+from ppfr_jax.data import pipeline, sources  # noqa: E402
+from ppfr_jax.data import records as framing  # noqa: E402
+from ppfr_jax.data import tfds as data_tfds  # noqa: E402
 
 S = 16  # tiny images keep every test fast
 
@@ -38,7 +44,7 @@ def folder(tmp_path):
 @pytest.fixture
 def records(folder, tmp_path):
     root, lm = folder
-    out = ip.image_folder_to_tface(root, tmp_path / "tfr", "TFR-tiny", landmarks=lm, shard_size=6)
+    out = sources.image_folder_to_tface(root, tmp_path / "tfr", "TFR-tiny", landmarks=lm, shard_size=6)
     return out
 
 
@@ -47,7 +53,7 @@ def _it(src, **kw):
     kw.setdefault("image_size", (S, S))
     kw.setdefault("process_index", 0)
     kw.setdefault("process_count", 1)
-    return ip.TrainIterator(src, **kw)
+    return pipeline.TrainIterator(src, **kw)
 
 
 def _take(it, n):
@@ -59,7 +65,7 @@ def _take(it, n):
 
 def test_image_folder_labels_sorted(folder):
     root, _ = folder
-    src = ip.image_folder_source(root)
+    src = sources.image_folder_source(root)
     assert src.class_names == ["alice", "bob", "carol"] and src.num_classes == 3 and len(src) == 15
     assert [os.path.basename(os.path.dirname(f)) for f in src.files[:5]] == ["alice"] * 5
     np.testing.assert_array_equal(src.labels, np.repeat([0, 1, 2], 5))
@@ -75,7 +81,7 @@ def test_converter_writes_tface_format(records, folder):
                                                    "TFR-tiny-00002.tfrecord", "TFR-tiny.index"]
     assert open(records["map"]).readline().split("\t") == ["alice/0.jpg", "0", "0\n"]
     # TF's own sequential reader sees the same records at the offsets we index (framing = len + 16)
-    src = ip.tface_source(records["index"])
+    src = sources.tface_source(records["index"])
     assert src.record_landmarks == 3 and src.num_classes == 3
     seq = [r.numpy() for r in tf.data.TFRecordDataset(src.files[0])]
     assert [src.read_bytes(i) for i in range(6)] == seq
@@ -85,25 +91,25 @@ def test_converter_writes_tface_format(records, folder):
 
 
 def test_three_field_index(records, tmp_path):
-    src4 = ip.tface_source(records["index"])
+    src4 = sources.tface_source(records["index"])
     idx3 = tmp_path / "three.txt"
     with open(idx3, "w") as f:
         for i in range(len(src4)):
             f.write(f"tfr/TFR-tiny/{os.path.basename(src4.files[src4.file_id[i]])} {src4.offsets[i]} "
                     f"{src4.labels[i]}\n")
-    src3 = ip.tface_source(idx3)
+    src3 = sources.tface_source(idx3)
     assert [src3.read_bytes(i) for i in range(15)] == [src4.read_bytes(i) for i in range(15)]
 
 
 def test_crc32c_known_value():
-    assert ip.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    assert framing.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
 
 
 # ----------------------------------------------------------------------------- order, resume, hosts
 
 
 def test_deterministic_resumable_and_epoch_covering(records):
-    src = ip.tface_source(records["index"])
+    src = sources.tface_source(records["index"])
     a = _take(_it(src, seed=3), 6)
     b = _take(_it(src, seed=3), 6)
     for x, y in zip(a, b):
@@ -124,7 +130,7 @@ def test_deterministic_resumable_and_epoch_covering(records):
 
 
 def test_hosts_split_the_global_batch(records):
-    src = ip.tface_source(records["index"])
+    src = sources.tface_source(records["index"])
     one = _take(_it(src, seed=1, global_batch=6), 2)
     h0 = _take(_it(src, seed=1, global_batch=6, process_index=0, process_count=2), 2)
     h1 = _take(_it(src, seed=1, global_batch=6, process_index=1, process_count=2), 2)
@@ -140,7 +146,7 @@ def test_hosts_split_the_global_batch(records):
 
 
 def test_normalisation_flip_and_landmarks(records, folder):
-    src = ip.tface_source(records["index"])
+    src = sources.tface_source(records["index"])
     raw = _take(_it(src, seed=7, flip=False, with_landmarks=True, output_dtype="uint8"), 3)
     flo = _take(_it(src, seed=7, flip=False, with_landmarks=True), 3)
     fl = _take(_it(src, seed=7, flip=True, with_landmarks=True), 3)
@@ -174,22 +180,23 @@ def test_normalisation_flip_and_landmarks(records, folder):
 
 def test_image_folder_with_side_landmarks_and_resize(folder):
     root, lm = folder
-    src = ip.image_folder_source(root, landmarks=lm)
+    src = sources.image_folder_source(root, landmarks=lm)
     b = next(_it(src, with_landmarks=True, flip=False, image_size=(8, 8)))
     assert b["image"].shape == (4, 8, 8, 3) and b["landmarks"].shape == (4, 3, 2)
     b = next(_it(src, output_dtype="bfloat16"))
     assert str(b["image"].dtype) == "bfloat16"
     with pytest.raises(ValueError, match="no landmarks"):
-        _it(ip.image_folder_source(root), with_landmarks=True)
+        _it(sources.image_folder_source(root), with_landmarks=True)
 
 
 def test_make_global_batch():
     import jax
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from jax.sharding import Mesh
+    from ppfr_jax import sharding
     mesh = Mesh(np.array(jax.devices()), ("data",))
     local = {"image": np.zeros((len(jax.devices()) * 2, 4, 4, 3), np.float32),
              "label": np.arange(len(jax.devices()) * 2, dtype=np.int32)}
-    g = ip.make_global_batch(local, NamedSharding(mesh, P("data")))
+    g = sharding.make_global_batch(local, mesh)
     assert g["image"].shape == local["image"].shape
     assert len(g["label"].addressable_shards) == len(jax.devices())
     np.testing.assert_array_equal(np.asarray(g["label"]), local["label"])
@@ -198,7 +205,7 @@ def test_make_global_batch():
 def test_demo_set_through_the_pipeline():
     from ppfr_jax.demo_data import demo_paths
     p = demo_paths()
-    src = ip.tface_source(p["train_index"], p["train_root"])
+    src = sources.tface_source(p["train_index"], p["train_root"])
     assert len(src) == 2729 and src.num_classes == 115 and src.record_landmarks == 98
     b = next(_it(src, global_batch=8, image_size=(112, 112), with_landmarks=True))
     assert b["image"].shape == (8, 112, 112, 3) and b["landmarks"].shape == (8, 98, 2)
@@ -210,7 +217,7 @@ def test_train_source_from_config():
     import ml_collections
     cfg = ml_collections.ConfigDict(dict(seed=0, data=dict(source="demo", path="", index="", flip=True,
                                                           skip_bad=False, landmarks=True)))
-    it, n_cls, n = ip.train_source(cfg, 8, 5)
+    it, n_cls, n = data.train_source(cfg, 8, 5)
     b = next(it)
     assert n_cls == 115 and n == 2729 and it.step == 6
     assert b["image"].dtype == np.uint8 and b["label"].dtype == np.int32 and b["landmarks"].shape == (8, 98, 2)
@@ -222,9 +229,9 @@ def test_train_source_from_config():
 def test_empty_identity_folder(folder):
     root, _ = folder
     (root / "dave").mkdir()
-    with pytest.raises(ip.BadRecordError, match=r"faces/dave: identity folder contains no images"):
-        ip.image_folder_source(root)
-    src = ip.image_folder_source(root, skip_bad=True)
+    with pytest.raises(sources.BadRecordError, match=r"faces/dave: identity folder contains no images"):
+        sources.image_folder_source(root)
+    src = sources.image_folder_source(root, skip_bad=True)
     assert src.num_classes == 3 and len(src.problems) == 1
     assert len(_it(src).skipped) == 1
 
@@ -233,12 +240,12 @@ def test_corrupt_jpeg_names_the_file(folder):
     root, _ = folder
     bad = root / "bob" / "2.jpg"
     bad.write_bytes(bad.read_bytes()[:40])  # truncated JPEG
-    src = ip.image_folder_source(root)
+    src = sources.image_folder_source(root)
     it = _it(src, seed=0)
     step = next(s for s in range(3) if src.files.index(str(bad)) in it.batch_indices(s))
     for _ in range(step):
         next(it)
-    with pytest.raises(ip.BadRecordError, match=rf"step {step}:\n.*bob/2.jpg: field 'image': cannot decode"):
+    with pytest.raises(sources.BadRecordError, match=rf"step {step}:\n.*bob/2.jpg: field 'image': cannot decode"):
         next(it)
     # opt-in skip: full batches continue, the bad file is counted once
     it = _it(src, seed=0, skip_bad=True)
@@ -253,16 +260,16 @@ def test_corrupt_jpeg_inside_a_record(folder, tmp_path):
     root, _ = folder
     bad = root / "alice" / "0.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 60)
-    out = ip.image_folder_to_tface(root, tmp_path / "r2", "TFR-b", skip_bad=True)
+    out = sources.image_folder_to_tface(root, tmp_path / "r2", "TFR-b", skip_bad=True)
     assert out["skipped"] == "1" and out["count"] == "14"
-    with pytest.raises(ip.BadRecordError, match="alice/0.jpg: field 'image': cannot decode"):
-        ip.image_folder_to_tface(root, tmp_path / "r3", "TFR-c")
+    with pytest.raises(sources.BadRecordError, match="alice/0.jpg: field 'image': cannot decode"):
+        sources.image_folder_to_tface(root, tmp_path / "r3", "TFR-c")
     # a record written with a bad image anyway is named by shard, offset and index line
     recs = [("a", b"\xff\xd8junk", 0, None)] + [(f"k{i}", _jpeg(np.random.default_rng(i)), 0, None) for i in range(5)]
-    w = ip.write_tface_records(recs, tmp_path / "r4", "TFR-d")
-    src = ip.tface_source(w["index"])
+    w = framing.write_tface_records(recs, tmp_path / "r4", "TFR-d")
+    src = sources.tface_source(w["index"])
     it = _it(src, seed=0, shuffle=False)
-    with pytest.raises(ip.BadRecordError, match=r"TFR-d-00000.tfrecord offset 0 \(.*TFR-d.txt line 1\): field 'image': cannot decode"):
+    with pytest.raises(sources.BadRecordError, match=r"TFR-d-00000.tfrecord offset 0 \(.*TFR-d.txt line 1\): field 'image': cannot decode"):
         next(it)
 
 
@@ -273,18 +280,18 @@ def test_truncated_tfrecord(records):
         f.truncate(size - 10)
     lines = open(records["index"]).read().splitlines()
     last_off = lines[-1].split("\t")[2]
-    with pytest.raises(ip.BadRecordError, match=rf"TFR-tiny.txt line 15: record at offset {last_off} of shard "
+    with pytest.raises(sources.BadRecordError, match=rf"TFR-tiny.txt line 15: record at offset {last_off} of shard "
                                                 r".*TFR-tiny-00002.tfrecord is truncated"):
-        ip.tface_source(records["index"])
-    src = ip.tface_source(records["index"], skip_bad=True)
+        sources.tface_source(records["index"])
+    src = sources.tface_source(records["index"], skip_bad=True)
     assert len(src) == 14 and len(src.problems) == 1
     # without the listing check, the read itself names shard, offset and line
-    src = ip.tface_source(records["index"], check_headers=False)
-    with pytest.raises(ip.BadRecordError, match=rf"offset {last_off} is truncated.*line 15"):
+    src = sources.tface_source(records["index"], check_headers=False)
+    with pytest.raises(sources.BadRecordError, match=rf"offset {last_off} is truncated.*line 15"):
         src.read_bytes(14)
     it = _it(src, seed=0, shuffle=False, global_batch=5)
     next(it), next(it)
-    with pytest.raises(ip.BadRecordError, match=rf"TFR-tiny-00002.tfrecord: record at offset {last_off} is truncated"):
+    with pytest.raises(sources.BadRecordError, match=rf"TFR-tiny-00002.tfrecord: record at offset {last_off} is truncated"):
         next(it)
 
 
@@ -293,9 +300,9 @@ def test_index_line_past_shard_end(records):
     f = lines[3].split("\t")
     lines[3] = "\t".join([f[0], f[1], "999999", f[3]])
     open(records["index"], "w").write("\n".join(lines) + "\n")
-    with pytest.raises(ip.BadRecordError, match=r"TFR-tiny.txt line 4: offset 999999 points past the end of shard"):
-        ip.tface_source(records["index"])
-    src = ip.tface_source(records["index"], skip_bad=True)
+    with pytest.raises(sources.BadRecordError, match=r"TFR-tiny.txt line 4: offset 999999 points past the end of shard"):
+        sources.tface_source(records["index"])
+    src = sources.tface_source(records["index"], skip_bad=True)
     assert len(src) == 14 and "line 4" in src.problems[0]
 
 
@@ -304,18 +311,18 @@ def test_index_offset_not_at_a_record(records):
     f = lines[2].split("\t")
     lines[2] = "\t".join([f[0], f[1], str(int(f[2]) + 3), f[3]])
     open(records["index"], "w").write("\n".join(lines) + "\n")
-    with pytest.raises(ip.BadRecordError, match=r"line 3: .*is not the start of a TFRecord record"):
-        ip.tface_source(records["index"])
+    with pytest.raises(sources.BadRecordError, match=r"line 3: .*is not the start of a TFRecord record"):
+        sources.tface_source(records["index"])
 
 
 def test_malformed_index_lines(records, tmp_path):
     p = tmp_path / "x.txt"
     p.write_text("TFR-tiny\t0\t0\t0\nTFR-tiny\t0\tzero\t0\n")
-    with pytest.raises(ip.BadRecordError, match=r"x.txt line 2"):
-        ip.tface_source(p)
+    with pytest.raises(sources.BadRecordError, match=r"x.txt line 2"):
+        sources.tface_source(p)
     p.write_text("TFR-nope\t0\t0\t0\n")
-    with pytest.raises(ip.BadRecordError, match=r"x.txt line 1: shard .*TFR-nope-00000.tfrecord not found"):
-        ip.tface_source(p)
+    with pytest.raises(sources.BadRecordError, match=r"x.txt line 1: shard .*TFR-nope-00000.tfrecord not found"):
+        sources.tface_source(p)
 
 
 # ----------------------------------------------------------------------------- TFDS
@@ -335,10 +342,10 @@ def test_tfds_source(tmp_path):
     except Exception as e:  # e.g. a TFDS install missing its optional dependencies
         pytest.skip(f"cannot build a local TFDS dataset here: {type(e).__name__}: {e}")
     kw = dict(data_dir=str(tmp_path), global_batch=4, image_size=(S, S), process_count=1, process_index=0)
-    it = ip.TfdsIterator("ppfr_tiny/c", "train", seed=1, **kw)
+    it = data_tfds.TfdsIterator("ppfr_tiny/c", "train", seed=1, **kw)
     a = _take(it, 4)
     assert it.num_classes == 4 and it.dataset_size == 24 and a[0]["image"].shape == (4, S, S, 3)
-    r = ip.TfdsIterator("ppfr_tiny/c", "train", seed=1, start_step=2, **kw)
+    r = data_tfds.TfdsIterator("ppfr_tiny/c", "train", seed=1, start_step=2, **kw)
     np.testing.assert_array_equal(next(r)["image"], a[2]["image"])
 
 
@@ -363,16 +370,16 @@ def test_payload_crc_is_checked_in_verify_and_training(records, capsys):
     with pytest.raises(tf.errors.DataLossError):
         for _ in tf.data.TFRecordDataset(shard):
             pass
-    src = ip.tface_source(records["index"])  # listing reads headers only
+    src = sources.tface_source(records["index"])  # listing reads headers only
     problem = src.check(1)
     assert f"offset {off}" in problem and "line 2" in problem and "data CRC mismatch" in problem
     assert [i for i in range(len(src)) if src.check(i)] == [1]
-    with pytest.raises(ip.BadRecordError, match=rf"offset {off}.*line 2"):
+    with pytest.raises(sources.BadRecordError, match=rf"offset {off}.*line 2"):
         src.read_bytes(1)
     it = _it(src, seed=0, shuffle=False, flip=False)
-    with pytest.raises(ip.BadRecordError, match=rf"step 0:\n.*offset {off} \(.*line 2\): .*data CRC mismatch"):
+    with pytest.raises(sources.BadRecordError, match=rf"step 0:\n.*offset {off} \(.*line 2\): .*data CRC mismatch"):
         next(it)
-    assert ip.main(["verify", "--index", records["index"]]) == 1
+    assert records_cli.main(["verify", "--index", records["index"]]) == 1
     out = capsys.readouterr().out
     assert "1 bad records" in out and f"first: {shard} offset {off}" in out
 
@@ -384,8 +391,8 @@ def test_crc32c_is_tensorflows(records):
     raw = open(shard, "rb").read()
     (length,) = np.frombuffer(raw[:8], "<u8")
     payload = raw[12:12 + int(length)]
-    assert ip.masked_crc32c(raw[:8]) == int(np.frombuffer(raw[8:12], "<u4")[0])
-    assert ip.masked_crc32c(payload) == int(np.frombuffer(raw[12 + int(length):16 + int(length)], "<u4")[0])
+    assert framing.masked_crc32c(raw[:8]) == int(np.frombuffer(raw[8:12], "<u4")[0])
+    assert framing.masked_crc32c(payload) == int(np.frombuffer(raw[12 + int(length):16 + int(length)], "<u4")[0])
 
 
 @pytest.mark.parametrize("label,msg", [("-1", "field 'label': must be in"), (str(2 ** 31), "field 'label': must be in"),
@@ -395,8 +402,8 @@ def test_index_labels_are_checked(records, label, msg):
     f = lines[4].split("\t")
     lines[4] = "\t".join(f[:3] + [label])
     open(records["index"], "w").write("\n".join(lines) + "\n")
-    with pytest.raises(ip.BadRecordError, match=rf"TFR-tiny.txt line 5: {msg}"):
-        ip.tface_source(records["index"])
+    with pytest.raises(sources.BadRecordError, match=rf"TFR-tiny.txt line 5: {msg}"):
+        sources.tface_source(records["index"])
 
 
 def test_bad_landmarks_are_named(folder, tmp_path):
@@ -406,20 +413,40 @@ def test_bad_landmarks_are_named(folder, tmp_path):
     lms[2, 1, 0] = np.nan
     lms[7, 0, 1] = 40.0  # pixels, not normalised
     np.savez(tmp_path / "bad_lm.npz", paths=paths, landmarks=lms)
-    with pytest.raises(ip.BadRecordError, match=r"alice/2.jpg: landmarks \(row 7 .*\): values in \[0.1\d*, 40\]"):
-        ip.image_folder_source(root, landmarks=tmp_path / "bad_lm.npz")
-    src = ip.image_folder_source(root, landmarks=tmp_path / "bad_lm.npz", skip_bad=True)
+    with pytest.raises(sources.BadRecordError, match=r"alice/2.jpg: landmarks \(row 7 .*\): values in \[0.1\d*, 40\]"):
+        sources.image_folder_source(root, landmarks=tmp_path / "bad_lm.npz")
+    src = sources.image_folder_source(root, landmarks=tmp_path / "bad_lm.npz", skip_bad=True)
     assert len(src) == 13 and any("carol/2.jpg: landmarks (row 2" in p and "non-finite" in p for p in src.problems)
     # the same values written into records: verify and training name the record and the field
     recs = [(str(p), (root / str(p)).read_bytes(), 0, lm) for p, lm in zip(paths, lms)]
-    out = ip.write_tface_records(recs, tmp_path / "r", "TFR-lm")
-    src = ip.tface_source(out["index"])
+    out = framing.write_tface_records(recs, tmp_path / "r", "TFR-lm")
+    src = sources.tface_source(out["index"])
     assert "line 3): field 'landmarks': non-finite values" in src.check(2)
     assert "field 'landmarks': values in" in src.check(7)
     it = _it(src, seed=0, shuffle=False, flip=False, with_landmarks=True)
-    with pytest.raises(ip.BadRecordError, match=r"step 0:\n.*line 3\): field 'landmarks': non-finite"):
+    with pytest.raises(sources.BadRecordError, match=r"step 0:\n.*line 3\): field 'landmarks': non-finite"):
         next(it)
     it = _it(src, seed=0, shuffle=False, flip=False, with_landmarks=True, skip_bad=True)
     b = _take(it, 3)
     assert all(np.isfinite(x["landmarks"]).all() and np.abs(x["landmarks"]).max() <= 2 for x in b)
     assert len(it.skipped) == 2
+
+
+def test_data_package_imports_without_tensorflow():
+    # the engine and the record framing need no TensorFlow; the tf.data sources load it on first use
+    code = ("import sys, ppfr_jax.data, ppfr_jax.data.records, ppfr_jax.data.synthetic, ppfr_jax.train; "
+            "assert 'tensorflow' not in sys.modules, 'tensorflow imported'; "
+            "from ppfr_jax import data; data.BadRecordError, data.synthetic_batches; "
+            "assert 'tensorflow' not in sys.modules, 'tensorflow imported'; "
+            "data.tface_source; assert 'tensorflow' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+def test_records_cli_names_a_bad_index(tmp_path, capsys):
+    bad = tmp_path / "bad.txt"
+    bad.write_text("TFR-x\t0\tnot-an-offset\t3\n")
+    assert records_cli.main(["verify", "--index", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ppfr-records: error: ") and "bad.txt line 1" in err
+    assert records_cli.main(["verify", "--index", str(tmp_path / "none.txt")]) == 2
+    assert "none.txt" in capsys.readouterr().err

@@ -1,0 +1,314 @@
+"""The tf.data training iterator: a per-step record order (exact resume) over a :class:`~ppfr_jax.data.sources.Source`.
+
+Order: epoch ``e`` visits the records in ``np.random.default_rng([seed,
+e]).permutation(N)``, cut into ``N // global_batch`` global batches (the
+remainder is dropped). Process ``p`` of ``P`` takes slice ``p`` of every
+global batch, so step ``s`` alone fixes what every host reads (resume =
+``start_step=s``) and the global batch does not depend on ``P``. The random
+flip of a record is a function of ``(seed, its position in the stream)``.
+
+Batches (numpy): ``image`` (B, H, W, 3) float32 / bfloat16 in [-1, 1] or
+uint8 (``output_dtype``), ``label`` (B,) int32 and, with ``with_landmarks``,
+``landmarks`` (B, K, 2) float32 normalised (a flip maps x -> 1 - x, order kept).
+Images are decoded by ``image_io.decode_rgb``, as in evaluation. A bad record
+stops the iterator with ``BadRecordError`` naming it; with ``skip_bad`` its
+slot takes the next good record in source order (shapes and steps unchanged).
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import jax
+import numpy as np
+
+from ppfr_jax import image_io
+from ppfr_jax.data.records import BadRecordError, import_tensorflow
+from ppfr_jax.data.sources import LANDMARK_RANGE, Source
+
+tf = import_tensorflow()
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The record order of one epoch (int64 (n,))."""
+    return np.random.default_rng([int(seed), int(epoch)]).permutation(n)
+
+
+def host_batch_indices(step: int, n: int, global_batch: int, process_index: int, process_count: int,
+                       seed: int, shuffle: bool = True, _cache: dict | None = None):
+    """Records of one host's slice of global batch ``step``.
+
+    Returns:
+      (indices (L,) int64 into the source, positions (L,) int64 in the global
+      stream), L = global_batch // process_count.
+    """
+    spe = n // global_batch
+    epoch, b = divmod(int(step), spe)
+    if not shuffle:
+        order = None
+    elif _cache is not None and _cache.get("epoch") == epoch:
+        order = _cache["perm"]
+    else:
+        order = epoch_permutation(seed, epoch, n)
+        if _cache is not None:
+            _cache.update(epoch=epoch, perm=order)
+    local = global_batch // process_count
+    start = b * global_batch + process_index * local
+    sel = np.arange(start, start + local, dtype=np.int64)
+    idx = sel if order is None else order[sel]
+    pos = int(step) * global_batch + process_index * local + np.arange(local, dtype=np.int64)
+    return idx.astype(np.int64), pos
+
+
+# ----------------------------------------------------------------------------- tf.data
+
+
+_UNDECODABLE = np.zeros((0, 0, 3), np.uint8)
+
+
+def _decode_py(data) -> np.ndarray:
+    if isinstance(data, np.ndarray):  # eager numpy_function: a 0-d object array
+        data = data.item()
+    try:
+        return image_io.decode_rgb(bytes(data))
+    except image_io.ImageDecodeError:
+        # an empty image fails the assertion below: a plain op error (TF would otherwise log the Python
+        # traceback); TrainIterator then names the record with Source.check
+        return _UNDECODABLE
+
+
+def decode_image(data: tf.Tensor) -> tf.Tensor:
+    """Encoded bytes -> uint8 (H, W, 3) by ``image_io.decode_rgb``, the decoder every reader uses
+    (evaluation, alignment, the client): same pixels in training and evaluation (see its doc)."""
+    img = tf.numpy_function(_decode_py, [data], tf.uint8, stateful=False)
+    with tf.control_dependencies([tf.debugging.assert_positive(tf.size(img), message="undecodable image")]):
+        img = tf.identity(img)
+    img.set_shape([None, None, 3])
+    return img
+
+
+DTYPES = {"float32": tf.float32, "bfloat16": tf.bfloat16, "uint8": tf.uint8}
+
+
+def flip_coin(seed: int, pos: tf.Tensor) -> tf.Tensor:
+    return tf.random.stateless_uniform([], seed=tf.stack([tf.constant(seed, tf.int64), pos])) < 0.5
+
+
+class TrainIterator:
+    """Iterator of per-host training batches (numpy dicts) with a resumable position.
+
+    Args:
+      source: a :class:`Source`.
+      global_batch: batch over all processes; must be divisible by ``process_count``.
+      seed: fixes the record order and the flips.
+      start_step: first global batch to produce (resume = the step a checkpoint was saved at).
+      flip: random horizontal flip (p = 0.5, landmarks mirrored as x -> 1 - x).
+      with_landmarks: add ``landmarks`` (B, K, 2); the source must carry them.
+      image_size: (H, W) every image must have; others are resized (bilinear). None: no check.
+      output_dtype: "float32" / "bfloat16" (normalised to [-1, 1]) or "uint8" (raw 0..255,
+        4x less host-to-device traffic; normalise on the device).
+      skip_bad: skip bad records (see module doc) instead of raising BadRecordError.
+      shuffle: False visits records in source order (evaluation-style).
+      process_index / process_count: default ``jax.process_index() / jax.process_count()``.
+      prefetch: batches prepared ahead.
+      threads: size of tf.data's private thread pool (None: TF's default, all cores).
+
+    Attributes:
+      step: the global step of the next batch.
+      steps_per_epoch: ``len(source) // global_batch``.
+      skipped: messages for records skipped so far (listing problems included).
+    """
+
+    def __init__(self, source: Source, *, global_batch: int, seed: int = 0, start_step: int = 0,
+                 flip: bool = True, with_landmarks: bool = False,
+                 image_size: tuple[int, int] | None = (112, 112), output_dtype: str = "float32",
+                 skip_bad: bool = False, shuffle: bool = True, process_index: int | None = None,
+                 process_count: int | None = None, prefetch: int = 2, threads: int | None = None):
+        self.source = source
+        self.process_index = jax.process_index() if process_index is None else int(process_index)
+        self.process_count = jax.process_count() if process_count is None else int(process_count)
+        if global_batch <= 0 or global_batch % self.process_count:
+            raise ValueError(f"global_batch {global_batch} must be a positive multiple of the "
+                             f"{self.process_count} processes")
+        if len(source) < global_batch:
+            raise ValueError(f"the source has {len(source)} records, fewer than one global batch "
+                             f"({global_batch})")
+        if with_landmarks and source.num_landmarks == 0:
+            raise ValueError("with_landmarks=True but the source carries no landmarks")
+        if output_dtype not in DTYPES:
+            raise ValueError(f"output_dtype must be one of {sorted(DTYPES)}, got {output_dtype!r}")
+        self.global_batch = int(global_batch)
+        self.local_batch = self.global_batch // self.process_count
+        self.seed = int(seed)
+        self.step = int(start_step)
+        self.flip = flip
+        self.with_landmarks = with_landmarks
+        self.image_size = tuple(image_size) if image_size is not None else None
+        self.output_dtype = output_dtype
+        self.skip_bad = skip_bad
+        self.shuffle = shuffle
+        self.prefetch = prefetch
+        self.threads = threads
+        self.steps_per_epoch = len(source) // self.global_batch
+        self.skipped: list[str] = list(source.problems)
+        self._remap = np.arange(len(source), dtype=np.int64)
+        self._bad = np.zeros(len(source), bool)
+        self._cache: dict = {}
+        self._it = None
+
+    @property
+    def num_classes(self) -> int:
+        return self.source.num_classes
+
+    def state(self) -> dict:
+        """Resume information: ``{"step": next step, "skipped": count}``."""
+        return {"step": self.step, "skipped": len(self.skipped)}
+
+    def batch_indices(self, step: int) -> np.ndarray:
+        """Source indices this host reads for global batch ``step`` (after skip substitution)."""
+        idx, _ = host_batch_indices(step, len(self.source), self.global_batch, self.process_index,
+                                    self.process_count, self.seed, self.shuffle, self._cache)
+        return self._remap[idx]
+
+    # -- tf.data graph
+
+    def _element_fn(self) -> Callable:
+        src = self.source
+        labels = tf.constant(src.labels)
+        k = src.num_landmarks
+        side_lm = tf.constant(src.landmarks) if (self.with_landmarks and src.landmarks is not None) else None
+        if src.kind == "files":
+            paths = tf.constant(src.files)
+        else:
+            spec = {"image": tf.io.FixedLenFeature([], tf.string)}
+            if self.with_landmarks and src.landmarks is None:
+                spec["landmarks"] = tf.io.FixedLenFeature([2 * k], tf.float32)
+
+            def read_py(i):
+                try:
+                    return np.array(src.read_bytes(int(i)), dtype=object)
+                except BadRecordError:  # an empty payload fails parsing below; check() names the record
+                    return np.array(b"", dtype=object)
+        seed, flip, size, dtype = self.seed, self.flip, self.image_size, DTYPES[self.output_dtype]
+        with_lm = self.with_landmarks
+
+        @tf.autograph.experimental.do_not_convert
+        def element(idx, pos):
+            out = {"label": tf.gather(labels, idx)}
+            lm = None
+            if src.kind == "files":
+                img_bytes = tf.io.read_file(tf.gather(paths, idx))
+            else:
+                data = tf.numpy_function(read_py, [idx], tf.string, stateful=False)
+                data.set_shape([])
+                feats = tf.io.parse_single_example(data, spec)
+                img_bytes = feats["image"]
+                if "landmarks" in feats:
+                    lm = tf.reshape(feats["landmarks"], [k, 2])
+                    # a bad value stops the batch; TrainIterator then names the record (Source.check)
+                    lo, hi = LANDMARK_RANGE
+                    with tf.control_dependencies([
+                            tf.debugging.assert_greater_equal(lm, lo, message="landmarks"),
+                            tf.debugging.assert_less_equal(lm, hi, message="landmarks")]):
+                        lm = tf.debugging.check_numerics(lm, "landmarks")
+            if side_lm is not None:
+                lm = tf.gather(side_lm, idx)
+            img = decode_image(img_bytes)
+            if size is not None:
+                img = tf.cond(tf.reduce_all(tf.shape(img)[:2] == size), lambda: img,
+                              lambda: tf.cast(tf.round(tf.clip_by_value(
+                                  tf.image.resize(img, size, antialias=True), 0, 255)), tf.uint8))
+                img.set_shape(list(size) + [3])
+            if flip:
+                coin = flip_coin(seed, pos)
+                img = tf.cond(coin, lambda: tf.reverse(img, [1]), lambda: img)
+                if lm is not None:
+                    lm = tf.cond(coin, lambda: tf.stack([1.0 - lm[:, 0], lm[:, 1]], axis=1), lambda: lm)
+            if dtype == tf.uint8:
+                out["image"] = img
+            else:
+                out["image"] = tf.cast(tf.cast(img, tf.float32) / 127.5 - 1.0, dtype)
+            if with_lm:
+                out["landmarks"] = tf.cast(lm, tf.float32)
+            return out
+
+        return element
+
+    def dataset(self, start_step: int | None = None) -> tf.data.Dataset:
+        """The tf.data pipeline from ``start_step`` (no error diagnosis; :meth:`__next__` adds it)."""
+        start = self.step if start_step is None else int(start_step)
+        remap = self._remap.copy()
+        local = self.local_batch
+        cache: dict = {}  # its own: this runs on a tf.data thread
+
+        # A numpy_function over a range rather than from_generator: same numpy order,
+        # without a Python generator that tf.data must finalise at interpreter exit.
+        def indices_py(step):
+            idx, pos = host_batch_indices(int(step), len(self.source), self.global_batch, self.process_index,
+                                          self.process_count, self.seed, self.shuffle, cache)
+            return remap[idx], pos
+
+        @tf.autograph.experimental.do_not_convert
+        def indices(step):
+            # stateful: keeps tf.data's map_parallelization from running it concurrently
+            idx, pos = tf.numpy_function(indices_py, [step], (tf.int64, tf.int64), stateful=True)
+            idx.set_shape([local])
+            pos.set_shape([local])
+            return idx, pos
+
+        ds = tf.data.Dataset.range(start, 2 ** 62).map(indices)  # sequential: the cache is not locked
+        ds = ds.unbatch()
+        ds = ds.map(self._element_fn(), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.batch(local, drop_remainder=True)
+        ds = ds.prefetch(self.prefetch)
+        opts = tf.data.Options()
+        opts.deterministic = True
+        opts.threading.max_intra_op_parallelism = 1
+        if self.threads:
+            opts.threading.private_threadpool_size = int(self.threads)
+        return ds.with_options(opts)
+
+    # -- iteration with diagnosis
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def __next__(self) -> dict:
+        while True:
+            if self._it is None:
+                self._it = self.dataset().as_numpy_iterator()
+            try:
+                batch = next(self._it)
+            except tf.errors.OpError as e:
+                self._it = None
+                self._handle_error(e)
+                continue  # rebuilt with the bad records substituted
+            self.step += 1
+            return batch
+
+    def _handle_error(self, err: tf.errors.OpError) -> None:
+        idx = self.batch_indices(self.step)
+        problems = {}
+        for i in dict.fromkeys(int(v) for v in idx):
+            p = self.source.check(i)
+            if p is not None:
+                problems[i] = p
+        if not problems:
+            raise RuntimeError(f"input pipeline failed at step {self.step} and no record of that "
+                               f"batch is bad on its own: {err.message.splitlines()[0]}") from err
+        if not self.skip_bad:
+            lines = "\n  ".join(problems.values())
+            raise BadRecordError(f"bad training record(s) in the batch of step {self.step}:\n  {lines}\n"
+                                 "(pass skip_bad=True to skip bad records)") from None
+        for i, msg in problems.items():
+            self._bad[i] = True
+            self.skipped.append(msg)
+        self._rebuild_remap()
+
+    def _rebuild_remap(self) -> None:
+        n = len(self.source)
+        good = np.flatnonzero(~self._bad)
+        if good.size == 0:
+            raise BadRecordError("every record of the source is bad")
+        # Next good record in source order (wrapping around), so the slot keeps its shape.
+        nxt = np.searchsorted(good, np.arange(n), side="left")
+        self._remap = good[nxt % good.size]
