@@ -342,8 +342,9 @@ def _train_locked(config, workdir: str) -> dict:
 
     def save_failed(e: BaseException) -> CheckpointSaveError:
         where = ckdir / str(saving[-1]) if saving else ckdir
-        return CheckpointSaveError(f"saving the checkpoint {where} failed ({_short(e)}); the run stops here, at step {step}: "
-                        f"the checkpoints before it are intact. Check the folder's permissions and free space.")
+        return CheckpointSaveError(f"saving the checkpoint {where} failed ({_short(e)}); the run stops here, at step "
+                                   f"{step}: the checkpoints before it are intact. Check the folder's permissions and "
+                                   f"free space.")
 
     failed = False
     try:
