@@ -1,35 +1,16 @@
 """IResNet ("IR" / "IR-SE") face-recognition backbones.
 
-Mirrors TFace ``torchkit/backbone/model_irse.py: Backbone`` (face.evoLVe's
-improved residual net, ArcFace paper arXiv 1801.07698):
+Mirrors TFace ``torchkit/backbone/model_irse.py: Backbone`` (ArcFace paper
+arXiv 1801.07698). ``IResNet``: NHWC (N, input_size, input_size, C) ->
+(N, embedding_size); another size raises ``ValueError`` (default 112; the
+output Linear's width follows from it). Names follow the PyTorch attribute
+paths, so a TFace state_dict maps with ``checkpoint_import.torch_to_flax``
+(``TORCH_RENAME`` for the SE block). Architecture and naming: README,
+Differences from the reference, Backbones.
 
-- input layer: 3x3 conv (stride ``input_stride``, 1 in the reference) -> BN -> PReLU, 64 channels;
-- four stages; the first unit of *every* stage has stride 2 (so 112 -> 7);
-  a unit is ``BN -> conv -> BN -> PReLU -> conv -> BN`` (``BasicBlockIR``; the
-  reference uses it for IR-18 up to IR-100) or the 1x1-3x3-1x1 bottleneck
-  (``BottleneckIR``; IR-152/200 only), optionally followed by a
-  squeeze-excitation block (``ir_se`` mode), plus a shortcut that is a strided
-  subsample when the width does not change and a 1x1 conv + BN otherwise;
-- output layer: BN2d -> Dropout(0.4) -> flatten in torch (C, H, W) order ->
-  Linear(C*7*7, 512) -> BatchNorm1d(affine=False).
-
-Input size: the input must be ``input_size`` x ``input_size`` (default 112),
-else a ``ValueError``; the output Linear's width follows from it (7x7 final map
-for 112 with ``input_stride=1``, or 224 with ``input_stride=2``; the
-reference's 224 variant, ``input_size=224`` with stride 1, ends at 14x14).
-
-Names follow the PyTorch attribute paths (``input_layer_0``, ``body_3/res_layer_4``,
-``body_2/shortcut_layer_0``, ``output_layer_3``) so a TFace state_dict maps with
-``ppfr_jax.checkpoint_import.torch_to_flax``; the only rename is the SE block
-(torch ``res_layer.se_block`` is appended to the ``Sequential``, ours is
-``res_layer_se_block``), see ``TORCH_RENAME``.
-
-Reuse by DuetFace's server (an interactive block after the last unit of each
-stage): pass ``stage_hook`` to ``IResNet.__call__``. It runs inside the last
-unit of each stage (after the residual sum, where the reference's
-``DuetFaceBasicBlock`` applies its ``embedding_layer``), so Flax modules it
-creates become submodules of that unit, ``body_{i}/embedding_layer`` <->
-torch ``body.{i}.embedding_layer``, with no renaming::
+Reuse by DuetFace's server: ``stage_hook`` runs inside the last unit of each
+stage (after the residual sum), so the modules it creates are that unit's
+submodules (``body_{i}/embedding_layer`` <-> torch ``body.{i}.embedding_layer``)::
 
     def hook(stage, unit_index, x):   # x: (N, H, W, C), the stage's output
         return InteractiveBlock(name="embedding_layer")(x, client[stage], roi)

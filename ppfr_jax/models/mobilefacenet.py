@@ -1,38 +1,18 @@
 """MobileFaceNet, plain (TFace) and as DuetFace's client backbone.
 
-Mirrors TFace ``torchkit/backbone/model_mobilefacenet.py: MobileFaceNet`` with
-the GDC output (arXiv 1804.07573), 112x112 input:
+Mirrors TFace ``torchkit/backbone/model_mobilefacenet.py: MobileFaceNet``
+with the GDC output (arXiv 1804.07573). ``MobileFaceNet``: NHWC (N, 112,
+112, in_channels) -> (N, embedding_size), else ``ValueError``; ``head='gdc'``
+(TFace ``common.GDC``) or ``'client'`` (DuetFace's ``ClientBackbone`` output
+layer; with ``in_channels=30`` it is DuetFace's client). With
+``return_features=True`` it also returns the maps DuetFace's server stages
+consume: conv_23 (N,28,28,64), conv_34 (N,14,14,128), conv_45 (N,7,7,128),
+conv_6_sep (N,7,7,512). ``MobileFaceNetTiny``: the same layout at toy widths.
 
-  conv1 (3x3 s2, 64) -> conv2_dw (3x3 dw, 64) -> conv_23 (Depth_Wise s2 -> 64 @28)
-  -> conv_3 (4 residual) -> conv_34 (s2 -> 128 @14) -> conv_4 (6 residual)
-  -> conv_45 (s2 -> 128 @7) -> conv_5 (2 residual) -> conv_6_sep (1x1 -> 512)
-  -> output layer.
-
-``Conv_block`` = conv -> BN -> PReLU; ``LinearBlock`` = conv -> BN;
-``Depth_Wise`` = Conv_block 1x1 (expand to ``groups`` channels) -> Conv_block
-3x3 depthwise (stride) -> LinearBlock 1x1 (project), with an identity residual
-inside the ``Residual`` stacks.
-
-Two output layers (``head``):
-
-- ``'gdc'`` (TFace ``common.GDC``): 7x7 depthwise LinearBlock -> flatten ->
-  Linear(512, E, no bias) -> BatchNorm1d(E, affine=False).
-- ``'client'`` (TFace ``tasks/duetface/local_backbones.py:
-  ClientBackbone._adjust_client_backbone_model``): 7x7 depthwise conv -> BN2d ->
-  flatten -> Linear(512, E) *with* bias -> BatchNorm1d(E) *with* affine.
-
-DuetFace's client is ``DuetFaceClient`` (= ``head='client'``, 30 input
-channels): the reference replaces the input conv (30 -> 64, 3x3 s2, same shape
-as ``conv1``) and reorders the modules into ``input_layer``, ``body_0`` ..
-``body_7`` (= conv2_dw, conv_23, conv_3, conv_34, conv_4, conv_45, conv_5,
-conv_6_sep) and ``output_layer``. Its server consumes the outputs of client
-body blocks 1, 3, 5, 7 (conv_23, conv_34, conv_45, conv_6_sep), returned here
-with ``return_features=True``.
-
-Names: one module, named after the plain TFace model (``conv_3/model_0/conv_dw/bn``),
-so a TFace MobileFaceNet state_dict maps with ``torch_to_flax`` directly; the
-DuetFace ``ClientBackbone`` naming is the rename table ``CLIENT_TORCH_RENAME``.
-``import_torch_state_dict`` picks the table from the keys.
+Names follow the plain TFace model (``conv_3/model_0/conv_dw/bn``);
+``import_torch_state_dict`` maps a TFace or DuetFace ``ClientBackbone``
+state_dict (``CLIENT_TORCH_RENAME``), picking the table from the keys.
+Architecture and naming: README, Differences from the reference, Backbones.
 """
 from __future__ import annotations
 

@@ -1,24 +1,16 @@
 """MobileFaceNet trained on CASIA-WebFace (Xiaoccer/MobileFaceNet_Pytorch): the "attacker" recogniser.
 
 An off-the-shelf, independently trained face recogniser used by the privacy
-evaluation (how well do recovered faces verify?). Architecture of
-``Xiaoccer/MobileFaceNet_Pytorch:core/model.py`` (``MobileFacenet``), which
-differs from TFace's MobileFaceNet (``models/mobilefacenet.py``):
-
-* input 112 (H) x 96 (W) RGB, normalised ``(x - 127.5) / 128``;
-* conv1 3x3/2 -> dw_conv1 3x3 depthwise -> 15 bottlenecks
-  ``(t, c, n, s) = (2,64,5,2) (4,128,1,2) (2,128,6,1) (4,128,1,2) (2,128,2,1)``
-  -> conv2 1x1 to 512 -> linear7 depthwise (7, 6) valid conv + BN (no PReLU)
-  -> linear1 1x1 conv to 128 + BN (no PReLU) -> 128-d embedding, not normalised.
-
-Its evaluation (``lfw_eval.py``) concatenates the embeddings of the image and
-its horizontal flip (256-d) and compares with cosine similarity:
-``embed_with_flip``.
-
-Submodule names follow the PyTorch attribute paths (``blocks_3/conv_6`` for
-``blocks.3.conv.6``), so ``torch_to_flax`` imports the checkpoint with no
-renaming. The weights: ``shared/data/models/mobilefacenet_casia_xiaoccer/068.ckpt``
-(legacy torch format, ``{'epoch', 'net_state_dict'}``).
+evaluation (how well do recovered faces verify?), architecture of
+``Xiaoccer/MobileFaceNet_Pytorch:core/model.py`` (``MobileFacenet``).
+``CasiaMobileFaceNet``: NHWC (N, 112, 96, 3) RGB normalised ``(x - 127.5) /
+128`` (``preprocess``) -> (N, 128) embeddings, not normalised; another shape
+raises ``ValueError``. ``embed_with_flip`` gives the reference evaluation's
+(N, 256) feature (image and horizontal flip concatenated, compared by cosine).
+``load_casia_mobilefacenet(path)`` reads the weights without torch
+(``shared/data/models/mobilefacenet_casia_xiaoccer/068.ckpt``, legacy torch
+format). Architecture and naming: README, Differences from the reference,
+Backbones.
 """
 from __future__ import annotations
 

@@ -1,24 +1,16 @@
 """U-Net: MinusFace's generator (and the recovery-attack inversion model).
 
-Mirrors TFace ``tasks/minusface/utils.py: UNet``: an encoder of ``ConvBlock``s
-(two 3x3 convs with bias, each followed by ReLU; no BatchNorm) with 2x2 max
-pools between them (widths 64-128-256-512-1024), and a decoder that at each
-level upsamples with a 3x3 stride-2 transposed conv (padding 1, output padding
-1, so exactly x2), concatenates the encoder feature of that level *before* the
-upsampled map on the channel axis, and applies another ``ConvBlock``; a final
-1x1 conv (with bias) maps to ``out_channels``. There is no bilinear option and
-no padding of mismatched sizes: spatial sizes must be divisible by
-``2 ** (len(widths) - 1)`` (112 -> 7 for the default depth).
-
-The latent is the deepest encoder map (``left_conv_5``'s output, (N, 7, 7,
-1024) for 112x112 input). In MinusFace's stage 1 the generator runs on the 192
-DCT channels (``UNet(in_channels=192, out_channels=192)``); "toy" mode uses 3
-RGB channels.
-
-Names follow the PyTorch attribute paths (``left_conv_1/conv_ReLU_0`` for
-``left_conv_1.conv_ReLU.0``), so ``import_torch_state_dict`` is
-``torch_to_flax`` plus the transposed-conv kernel layout (see
-``conv_transpose``).
+Mirrors TFace ``tasks/minusface/utils.py: UNet`` (ReLU conv blocks, no
+BatchNorm, widths 64-128-256-512-1024, transposed-conv upsampling, skip
+concatenation). ``UNet(in_channels, out_channels)``: NHWC (N, H, W,
+in_channels) -> ``(out (N, H, W, out_channels), latent)``, the latent being
+the deepest encoder map ((N, 7, 7, 1024) for 112x112 input). H and W must be
+divisible by ``2 ** (len(widths) - 1)`` (112 -> 7 for the default depth),
+else ``ValueError``. In MinusFace's stage 1 the generator runs on the 192 DCT
+channels (``UNet(in_channels=192, out_channels=192)``); "toy" mode uses 3 RGB
+channels. ``import_torch_state_dict`` is ``torch_to_flax`` plus the
+transposed-conv kernel layout (``conv_transpose``). Architecture and naming:
+README, Differences from the reference, Backbones.
 """
 from __future__ import annotations
 
@@ -60,8 +52,8 @@ class ConvTranspose(nn.Module):
         that reach them, ``y[2m, 2n] = x[m, n] w[1, 1]``,
         ``y[2m, 2n+1] = x[m, n] w[1, 2] + x[m, n+1] w[1, 0]``, and so on
         (9 taps per 2x2 output block instead of 36 on a 75%-zero dilated
-        input), then interleaved. XLA:CPU runs the dilated form 4-17x slower
-        (forward + backward, U-Net shapes; bench/RESULTS.md).
+        input), then interleaved. XLA:CPU runs the dilated form several times
+        slower (forward + backward, U-Net shapes; figures in bench/RESULTS.md).
       ``'auto'``: ``'subpixel'`` on the CPU where it applies, else ``'lax'``
         (GPU/TPU convolution libraries handle the dilated form natively).
     """
