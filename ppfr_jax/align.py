@@ -1,26 +1,16 @@
-"""Five-point similarity alignment of face images (pure numpy + PIL).
+"""Five-point similarity alignment of face images (pure numpy + PIL), as cv2 does it.
 
-Faces are aligned by the least-squares similarity transform (rotation, uniform
-scale, translation; Umeyama 1991) that maps five detected points (image-left
-eye, image-right eye, nose tip, image-left mouth corner, image-right mouth
-corner) onto a fixed template, then the image is resampled bilinearly with a
-black border, as ``cv2.warpAffine(img, M, size, borderValue=0)`` does.
-
-Templates:
-
-- ``"arcface"``: the insightface / TFace 112x112 template (what recognisers
-  trained on MS1M/Glint and TFace's ``img2tfrecord.py`` use).
-- ``"sphereface"``: the SphereFace 96(W)x112(H) template (CASIA-WebFace models
-  such as the MobileFaceNet in ``ppfr_jax.models.mobilefacenet_casia``). The
-  ArcFace template is this one shifted right by 8 px.
-
-Coordinate conventions (they matter at the half-pixel level only):
-
-- Pixel coordinates, as taken by every function here, follow cv2: the centre
-  of pixel (row r, column c) is the point (x=c, y=r).
-- *Normalised* coordinates (what the training data and DuetFace's landmark
-  ROI use) are ``((x + 0.5) / W, (y + 0.5) / H)``: the unit square spans the
-  whole image, so a horizontal flip of the image is exactly ``x -> 1 - x``.
+``align_face(image (H, W, 3), landmarks5 (5, 2)) -> (aligned uint8, matrix
+(2, 3))``: the least-squares similarity transform (Umeyama) maps the five
+points (image-left eye, image-right eye, nose tip, image-left mouth corner,
+image-right mouth corner) onto a template, then a bilinear warp with a black
+border (``cv2.warpAffine(img, M, size, borderValue=0)``). Templates:
+``"arcface"`` (insightface / TFace, 112x112) and ``"sphereface"`` (96(W) x
+112(H), CASIA-WebFace models). Pixel coordinates follow cv2 (pixel (r, c) is
+the point (x=c, y=r)); normalised ones are ``((x + 0.5) / W, (y + 0.5) / H)``.
+Errors: ``ValueError`` for wrong shapes, non-finite or degenerate landmarks,
+an unknown template or a bad landmark table. Details: README, Differences
+from the reference, Alignment.
 
 CLI (``ppfr-align``)::
 
@@ -136,7 +126,7 @@ def denormalize_points(points: np.ndarray, size_hw: tuple[int, int]) -> np.ndarr
 def warp_affine(image, matrix: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     """Bilinear warp with a black border (cv2.warpAffine semantics: INTER_LINEAR, BORDER_CONSTANT 0).
 
-    uint8 images go through PIL's C resampler (about 15x faster than numpy);
+    uint8 images go through PIL's C resampler (faster: bench/RESULTS.md);
     other dtypes through :func:`warp_affine_numpy`. The two agree to 1 grey
     level (rounding), borders included (``tests/test_align.py``).
 

@@ -1,25 +1,17 @@
 """Frequency representation shared by DuetFace and MinusFace.
 
-``dct_transform`` reproduces the reference pipeline (TFace
-``partialface/utils.py``): [-1,1] -> [0,1] -> bilinear x8 upsample
+``dct_transform``: (N, 112, 112, 3) RGB in [-1, 1] -> (N, 112, 112, 192), the
+reference pipeline (TFace ``partialface/utils.py``): bilinear x8 upsample
 (align_corners=True, 112 -> 896) -> x255 -> JPEG full-range YCbCr -> -128 ->
-orthonormal 8x8 block DCT-II -> 192 channels ordered (colour, 8*row_freq +
-col_freq) at each of the 112x112 block positions.
-
-Everything there is linear (plus constant offsets) and separable, so we never
-build the 896x896 image: per axis, "upsample x8 then DCT each 8-sample block"
-is one 896x112 matrix whose row (block i, frequency u) touches only the 2-3
-source pixels that block's samples interpolate from. We store that band
-(indices + weights) and apply it as gathers fused with multiply-adds, first
-along the width, then along the height. The colour transform commutes with
-bilinear resampling (its rows sum to one), so it is applied at 112x112.
-``idct_transform`` is the exact inverse path (block IDCT -> +128 -> RGB ->
-/255 -> bilinear x1/8 with align_corners=True -> clamp to [0,1]) computed the
-same way: each output pixel reads the two upsampled samples it interpolates,
-which live in at most two blocks.
-
-All functions take and return NHWC arrays, are jit-able and differentiable;
-``nchw_to_nhwc`` / ``nhwc_to_nchw`` convert at the edges.
+orthonormal 8x8 block DCT-II; channel = colour * 64 + 8 * row_freq + col_freq,
+colour in (Y, Cb, Cr). ``idct_transform`` is its exact inverse, clamped to
+[0, 1]. Also: the DuetFace channel split (``split_channels`` /
+``merge_channels``: 162 server, 30 client channels) and MinusFace's per-sample
+channel shuffle (``shuffle_decode``). All functions take and return NHWC
+arrays, are jit-able and differentiable (``nchw_to_nhwc`` / ``nhwc_to_nchw``
+convert at the edges); wrong shapes raise ``ValueError``. The 896x896 image
+is never built (banded per-axis operators); details: README, Differences from
+the reference, Frequency transform and DCT.
 """
 from __future__ import annotations
 
@@ -157,8 +149,8 @@ def dct_transform(x: jax.Array, chunk_size: int | None = None) -> jax.Array:
         runs it as a loop over chunks of at most that many images (the largest
         divisor of N not above it, so each chunk's result is written in place
         into the output): the working memory beyond the output shrinks by
-        N / chunk (bench/frequency.py: 98 MB -> 24 MB at N=64, chunk 16) for a
-        few percent of speed; for memory-bound hosts and large batches.
+        N / chunk, at some cost in speed (figures: bench/RESULTS.md, Frequency
+        transform); for memory-bound hosts and large batches.
     Returns:
       (N, 112, 112, 192) float, channel = colour * 64 + 8 * row_freq + col_freq,
       colour in (Y, Cb, Cr).

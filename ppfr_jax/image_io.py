@@ -1,44 +1,19 @@
 """The one image decoder of ppfr_jax: encoded bytes or a file -> (H, W, 3) uint8 RGB.
 
-Every reader goes through :func:`decode_rgb`: the training pipeline (TensorFlow
-calls it through ``tf.numpy_function``), verification sets and pairs files
-(``evaluate``), alignment (``ppfr-align``) and the deployed client
-(``ppfr-protect``). A face therefore has the same pixels in training and in
-evaluation, whatever its file looks like.
+Every reader goes through :func:`decode_rgb` (training through
+``tf.numpy_function``, verification sets, ``ppfr-align``, ``ppfr-protect``),
+so a face has the same pixels in training and in evaluation. Every mode
+becomes RGB: grey replicated, 16/32-bit reduced to the high byte, alpha
+dropped, palette / CMYK / YCbCr converted, EXIF orientation applied, first
+frame of animations; other modes (``F``, LAB, HSV, ...) are refused.
 
-Why PIL, and not TensorFlow's decoders everywhere: evaluation, alignment and
-the client must run without TensorFlow (``evaluate`` and ``deploy`` import
-only jax), so the decoder they share with training cannot be a TF op; and
-TF's ``decode_image`` and PIL disagree on files that are valid faces (16-bit
-grayscale PNG: PIL's ``convert('RGB')`` saturates to white where TF scales;
-EXIF orientation: TF ignores it). With one function there is nothing to keep
-in sync. JPEG goes through libjpeg(-turbo)'s accurate integer IDCT, as TF's
-``dct_method='INTEGER_ACCURATE'`` did, so baseline JPEG pixels are unchanged.
-
-What every supported file becomes (the tests decode each kind):
-
-- 8-bit RGB / grayscale / bilevel: RGB, grey replicated on the three channels;
-- 16-bit (PNG ``I;16``, 48-bit RGB PNG) and 32-bit integer (``I``) images:
-  the high byte (``v >> 8``, values clipped to [0, 65535] first), as libpng's
-  and PIL's own 16 -> 8 bit reduction for RGB;
-- alpha (RGBA, LA, palette with transparency): dropped, the colour kept
-  (no compositing onto a background), as TF's ``channels=3`` did;
-- palette: looked up; CMYK (incl. Adobe's inverted CMYK JPEG) and YCbCr JPEG:
-  PIL's conversion to RGB; progressive JPEG: as baseline;
-- EXIF orientation (tags 2-8): applied, so the array is the upright picture
-  a viewer (and OpenCV's ``imread``) shows;
-- animated GIF / multi-page TIFF: the first frame.
-
-Other modes (floating-point ``F`` images, LAB, HSV, ...) are refused.
-
-Bounds: the header is read first; an image of more than ``max_pixels``
-pixels (default :data:`MAX_PIXELS`), of another size than ``expect_hw``, or
-whose RGB pixels would take more than ``max(MAX_INFLATION * its encoded size,
-INFLATION_FLOOR)`` bytes (a few hundred bytes of PNG can declare a flat
-8192 x 8192 picture) is refused before any pixel is decoded. So decoding costs
-at most ``max(256 x the bytes read, 256 KiB)`` (and never more than
-``4 * max_pixels``) bytes per image. Every failure is :class:`ImageDecodeError`
-naming the image.
+Bounds: the header is read first; an image of more than ``max_pixels`` pixels
+(default :data:`MAX_PIXELS`), of another size than ``expect_hw``, or whose RGB
+pixels would take more than ``max(MAX_INFLATION * its encoded size,
+INFLATION_FLOOR)`` bytes is refused before any pixel is decoded (SECURITY.md).
+Every failure is :class:`ImageDecodeError` naming the image. Why PIL and not
+TensorFlow's decoders, and each mode in detail: README, Differences from the
+reference, Data pipeline: image decoding.
 """
 from __future__ import annotations
 

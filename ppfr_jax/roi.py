@@ -1,49 +1,18 @@
 """Facial region-of-interest masks for DuetFace, computed on the accelerator.
 
-DuetFace crops each client attention map with the convex hull of 98 facial
-landmarks rasterised at 112x112. The reference (TFace ``duetface/train.py:
-TrainTask.calculate_landmarks``) does it per sample on the host with scipy
-(``ConvexHull`` + ``Delaunay.find_simplex``) at every step. Here it is a
-batched, jit-able array program with the same definition:
-
-  pixel (r, c) is inside iff the point (x = c, y = r) -- integer coordinates,
-  no +0.5 -- lies in the convex hull of ``landmarks * 112`` (boundary included).
-
-Exact arithmetic. A float32 cross product of 112-pixel coordinates carries
-~1e-5 px of rounding, enough to flip pixels lying near a hull edge (on the
-golden faces the closest pixel is 8.5e-4 px from an edge; the reference works
-in float64). So every predicate here is evaluated exactly, in int32:
-
-* a landmark coordinate ``l`` (float32) becomes the integer ``round(112 * l *
-  2^20)`` (units of 2^-20 px), computed as ``7 * round(l * 2^24)``. That is
-  exactly 112 * l for |l| >= 0.5, and within 3.3e-6 px of it below (where a
-  float32 ``l`` has bits finer than 2^-24): the only approximation, and it
-  matters only for a pixel that close to a hull edge. Landmarks are clamped
-  to [-1, 2) first so that every coordinate difference fits in 28.4 bits.
-* orientation ``(b - a) x (c - a)`` is a difference of two products of such
-  differences (~57-bit values), computed exactly with 15-bit limbs and
-  carries (``_mul_sub``): no float64, no int64 (neither is native on TPUs),
-  and no floating point whose result could depend on FMA contraction.
-
-Algorithm (fixed size, no data-dependent loops):
-
-1. hull edges: for every point i, the candidate successor j is the point
-   furthest right seen from i (a log2(n)-round tournament over the others).
-   (i, j) is kept iff every point is on its left or on it (an O(n^2) check);
-   for a hull vertex i that is exactly its hull edge, for an interior point
-   the check fails, for a point in the middle of a hull edge it yields a piece
-   of that edge (the same half-plane, harmless).
-2. rasterise: a pixel is inside iff it is on the left of (or on) every kept
-   edge. Per edge, the orientation of pixel (r, c) splits into a row part and
-   a column part (``_edge_tables``), so the per-pixel work is a handful of
-   int32 operations.
-
-Degenerate input (all points collinear or identical: no hull of positive
-area; scipy raises there) gives an empty mask.
+``landmark_mask(landmarks (B, K, 2) normalised, K >= 3) -> (B, 112, 112)``
+float32 in {0, 1}: pixel (r, c) is 1 iff the point (x = c, y = r) lies in
+the convex hull of ``landmarks * 112`` (boundary included), the definition of TFace
+``duetface/train.py: TrainTask.calculate_landmarks`` (scipy, per sample, on
+the host). Here it is batched and jit-able, evaluated exactly in int32
+fixed point (landmarks clamped to ``LANDMARK_RANGE`` = [-1, 2)); degenerate
+input (no hull of positive area) gives an empty mask. ``ValueError`` for a
+wrong shape. ``template_mask()`` is the constant mask for aligned faces.
 
 Landmark sources for DuetFace (``config.duetface.roi_source``): landmarks
-carried by the dataset, a PFLD detector in the graph, or the constant
-``template_mask()`` (for aligned faces).
+carried by the dataset, a PFLD detector in the graph, or ``template_mask()``.
+Exact arithmetic and the algorithm: README, Differences from the reference,
+DuetFace ROI masks.
 """
 from __future__ import annotations
 
