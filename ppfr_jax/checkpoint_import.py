@@ -1,31 +1,18 @@
 """PyTorch / TFace weights -> Flax variables.
 
-Reading a ``.pth`` never imports torch and never runs pickled code: see
-``ppfr_jax.torch_pickle``. This module maps a state_dict (``{key: ndarray}``,
-PyTorch names and layouts) onto the variables of one of our Linen models.
+``torch_to_flax(state_dict, variables, ...)`` maps a state_dict (``{key:
+ndarray}``, PyTorch names and layouts, as read by ``ppfr_jax.torch_pickle``
+without torch and without running pickled code) onto variables shaped like
+``variables`` (arrays or ``jax.eval_shape`` structs) of one of our Linen
+models: kernels OIHW -> HWIO and (out, in) -> (in, out), BatchNorm / PReLU
+names renamed, module path ``body_0/res_layer_1`` <-> ``body.0.res_layer.1``.
+Models whose names cannot follow the convention pass ``rename`` and
+``transforms``. ``build_import_target(name)`` builds the model ``ppfr-import``
+fills, from the backbone registry.
 
-The mapping is a table, not per-model code, because every model names its
-submodules after the PyTorch attribute path (``models/layers.py``). For each
-leaf of the Flax variables we derive the PyTorch key:
-
-==============================  ==================  =========================
-Flax leaf                        PyTorch suffix      layout change
-==============================  ==================  =========================
-``params/.../kernel`` (4-D)      ``weight``          OIHW -> HWIO
-``params/.../kernel`` (2-D)      ``weight``          (out, in) -> (in, out)
-``params/.../bias``              ``bias``            -
-``params/.../scale``             ``weight``          - (BatchNorm)
-``params/.../alpha``             ``weight``          - (PReLU)
-``batch_stats/.../mean``         ``running_mean``    -
-``batch_stats/.../var``          ``running_var``     -
-anything else                    same name           -
-==============================  ==================  =========================
-
-and the module path: Flax ``body_0/res_layer_1`` matches PyTorch
-``body.0.res_layer.1`` (Sequential indices ``.N`` are compared as ``_N``).
-Models whose names cannot follow the convention pass ``rename`` (a callable or
-a dict of Flax-path prefixes to PyTorch prefixes) and, for the odd tensor,
-``transforms``.
+Errors: :class:`CheckpointMismatchError` (every missing, unused or
+mis-shaped key, or two keys mapping to one name) and
+:class:`UnknownModelError`. The full mapping table: README, Differences from the reference, Weight import.
 """
 from __future__ import annotations
 

@@ -1,35 +1,19 @@
 """Unpickling files from untrusted sources with a bounded cost: the base of the ``.pth`` reader
 (``ppfr_jax.torch_pickle``) and the ``.bin`` reader (``ppfr_jax.evaluate.load_bin``).
 
-A pickle is a program. :class:`RestrictedUnpickler` runs it under these rules
-(SECURITY.md states what they guarantee):
+:class:`RestrictedUnpickler` runs a pickle (a program) so that: globals
+resolve only to the caller's allowlist of our own builders and stand-ins;
+BUILD (state setting) is refused on anything else, as are NEWOBJ / OBJ / INST
+and the extension registry; numpy arrays are rebuilt only from plain numeric
+dtypes and bytes in the file; opcodes are capped (``MAX_OPCODES``) and reads
+bounded (:class:`BoundedReader`); dict keys and set elements must be cheap to
+hash (:func:`check_hashable`); :func:`resolve` turns stand-ins into values
+and refuses nesting deeper than :data:`MAX_DEPTH`, iteratively.
 
-* **Names**: ``find_class`` resolves only the caller's allowlist; each entry is a
-  function or stand-in object of ours, never a real class whose constructor
-  takes a size (``bytes(2**40)``) or a numpy type whose state can be set.
-* **No state setting** on anything but our own stand-ins: BUILD on any other
-  object (a numpy dtype, a numpy scalar, an array) is refused, so no pickle can
-  turn a dtype into an object dtype and make numpy read a pointer from file
-  bytes. NEWOBJ / OBJ / INST and the extension registry are refused.
-* **numpy** data is rebuilt here from plain numeric dtypes (bool, int, uint,
-  float, complex) and bytes that are in the file: ``np.frombuffer`` + copy,
-  the element count checked against the byte count.
-* **Work and memory**: the pure-Python unpickler (``pickle._Unpickler``) runs
-  the opcodes, so memo indices are dict keys (the C unpickler preallocates its
-  memo list up to the largest index a file names: 5 bytes can ask for
-  gigabytes) and nothing recurses; every opcode counts against ``max_opcodes``
-  and every read is bounded by the bytes that remain (:class:`BoundedReader`).
-  Each opcode builds at most one object, so the objects built are at most
-  ``max_opcodes`` plus the payload bytes the file holds.
-* **Hashing**: dict keys and set elements must be str, bytes, bool, None, float,
-  an int of magnitude < 2**60, a tuple of those, or one of our stand-ins:
-  larger ints (and frozensets) can be made to share one hash, which makes
-  building a dict of n of them cost n**2.
-* **Depth**: :func:`resolve` (which every reader runs on the result, to
-  turn stand-ins into values) refuses objects nested deeper than
-  :data:`MAX_DEPTH`, iteratively, so no reader or caller meets a RecursionError.
-
-Every failure is raised as the caller's error class, with the file named.
+Errors: :class:`UnsafePickleError` (a forbidden construct) and
+:class:`PickleReadError` (a damaged or oversized file), raised as the caller's
+error class with the file named. What the rules guarantee: SECURITY.md; how
+they are enforced: README, Differences from the reference, Weight import.
 """
 from __future__ import annotations
 
@@ -112,7 +96,7 @@ class BoundedReader(io.RawIOBase):
 
 
 def check_hashable(key, what: str = "dict key") -> None:
-    """Refuse keys whose hashes an attacker can make collide (see module doc)."""
+    """Refuse keys whose hashes an attacker can make collide (see README, Weight import)."""
     stack = [(key, 0)]
     while stack:
         k, d = stack.pop()
@@ -342,7 +326,7 @@ def _refuse(name, x):
 
 # ----------------------------------------------------------------------------- the unpickler
 
-_D = pickle._Unpickler.dispatch  # noqa: SLF001  (the pure-Python opcode table; see module doc)
+_D = pickle._Unpickler.dispatch  # noqa: SLF001  (the pure-Python opcode table; see README, Weight import)
 _REFUSED_OPCODES = {pickle.INST: "INST", pickle.OBJ: "OBJ", pickle.NEWOBJ: "NEWOBJ", pickle.NEWOBJ_EX: "NEWOBJ_EX",
                     pickle.EXT1: "EXT1", pickle.EXT2: "EXT2", pickle.EXT4: "EXT4"}
 

@@ -1,34 +1,17 @@
 """The training engine: one code path for 1 CPU, N GPUs and TPU pod slices.
 
 ``train_and_evaluate(config, workdir)`` builds a ``Mesh`` over every device
-(axes ``data`` x ``model``), creates the train state already sharded
-(``jax.eval_shape`` + ``jax.jit(out_shardings=...)``), and runs
-``jax.jit(train_step, donate_argnums=0)``. The backbone is data-parallel;
-the classification head's class axis is sharded over all devices (the
-reference's "dist FC"): embeddings are all-gathered by XLA, logits stay
-sharded by class, and the softmax normaliser and target logit are
-cross-device reductions.
-
-Checkpoints: Orbax ``CheckpointManager`` (async; latest-N plus best-by-DevTest
-preservation) under ``<workdir>/checkpoints``; a workdir holding a checkpoint
-is resumed automatically (state, step and data position), onto whatever mesh
-the current run has (any device count: the head's padded class axis is
-re-padded). Logging: clu writers (TensorBoard, process 0) and
-``ReportProgress`` (steps/s, ETA).
-
-What survives what (SECURITY.md has the full list):
-
-* an update that makes the loss, the gradients or the new state non-finite is
-  not applied, and the run stops naming the step: no checkpoint ever holds a
-  non-finite state;
-* a damaged or non-finite checkpoint is skipped at restart: the newest intact
-  one is resumed, the skipped ones are moved to ``<workdir>/damaged_checkpoints``
-  and named with the reason; with none intact the run stops naming them;
-* one run per workdir: ``<workdir>/.ppfr_run.lock`` (``fcntl.flock``, released by
-  the kernel however the holder ends, SIGKILL included);
-* the checkpoint folder is tested for writing before the first step, and a
-  failed save stops the run at once, naming the checkpoint path;
-* a finished run run again prints its recorded results and changes nothing.
+(axes ``data`` x ``model``), creates the train state already sharded and runs
+``jax.jit(train_step, donate_argnums=0)``: the backbone data-parallel, the
+classification head's class axis sharded over all devices (the reference's
+"dist FC"). Checkpoints: Orbax under ``<workdir>/checkpoints`` (latest-N plus
+best-by-DevTest); a workdir holding one is resumed automatically (state, step,
+data position) on any device count. Logging: TensorBoard (process 0) and
+steps/s, ETA. A non-finite update stops the run before it is applied;
+damaged checkpoints are skipped; one run per workdir (``.ppfr_run.lock``);
+an unwritable checkpoint folder stops the run; a finished run re-prints its
+results (SECURITY.md has the full list). Details: README, Differences from
+the reference, Training engine.
 """
 from __future__ import annotations
 
