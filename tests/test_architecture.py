@@ -114,3 +114,16 @@ def test_models_import_only_models_and_leaves():
 def test_tensorflow_only_in_the_input_pipeline():
     users = sorted(n for n, ext in EXTERNAL.items() if ext & {"tensorflow", "tensorflow_datasets"})
     assert users and all(n == "ppfr_jax.data" or n.startswith("ppfr_jax.data.") for n in users), users
+
+
+def test_every_console_script_resolves():
+    """Each ``[project.scripts]`` entry names a callable that exists (``prog = "module:function"``)."""
+    import importlib
+    import tomllib
+    scripts = tomllib.loads((ROOT.parent / "pyproject.toml").read_text())["project"]["scripts"]
+    assert {"ppfr-train", "ppfr-eval", "ppfr-import", "ppfr-align", "ppfr-protect", "ppfr-verify", "ppfr-export",
+            "ppfr-privacy", "ppfr-records"} <= set(scripts)
+    for prog, target in scripts.items():
+        module, _, func = target.partition(":")
+        assert module.startswith("ppfr_jax.cli.") or module == "ppfr_jax.main", (prog, target)
+        assert callable(getattr(importlib.import_module(module), func)), (prog, target)
