@@ -4,15 +4,14 @@
         --config.data.source=tfrecord --config.data.path=/data/ms1m --config.data.index=/data/ms1m.txt
     python -m ppfr_jax.main --config configs/arcface_fd.py:demo --workdir runs/arcface_fd_demo
 
-Variants as configs/arcface.py.
+Variants as configs/arcface.py (read through ``config_lib.load_config_spec``, no ``sys.path`` edit).
 """
-import os
-import sys
+import pathlib
 
-sys.path.insert(0, os.path.dirname(__file__))
-import arcface  # noqa: E402
+from ppfr_jax import config_lib
+
+ARCFACE = str(pathlib.Path(__file__).with_name("arcface.py"))
 
 
 def get_config(arg=None):
-    arg = "fd" if not arg else arg + ",fd"
-    return arcface.get_config(arg)
+    return config_lib.load_config_spec(f"{ARCFACE}:{arg + ',fd' if arg else 'fd'}")
