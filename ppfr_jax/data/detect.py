@@ -123,7 +123,7 @@ def largest_face(image, *, path=None, min_face_size: int = 20) -> tuple[Face, in
         raise NoFaceError(f"{what}: no face found (MTCNN, min_face_size={min_face_size})")
     if len(faces) > 1:
         logging.log_first_n(logging.INFO, "%s: %d faces, took the largest (box %s)", 5, what, len(faces),
-                            np.round(faces[0].box, 1).tolist())
+                            [round(float(v), 1) for v in faces[0].box])
     return faces[0], len(faces)
 
 
