@@ -149,6 +149,7 @@ def test_cli_raw_photos(lfw, table, tmp_path, capsys):
     canvas, _ = _two_faces(lfw, table, SMALL, BIG)
     Image.fromarray(canvas).save(src / "Bob" / "Bob_0001.png")
     _grey(src / "Bob" / "Bob_0002.png")
+    (src / "Bob" / "Bob_0003.jpg").write_bytes(b"not an image")
     # no face: one line naming the file, exit 2, nothing after it written
     assert align_cli.main(["--images", str(src), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -159,6 +160,7 @@ def test_cli_raw_photos(lfw, table, tmp_path, capsys):
     assert "wrote 2 images" in summary, summary
     assert "several faces in 1 (e.g. " in summary and "Bob_0001.png" in summary, summary
     assert "skipped 1 with no face" in summary and "Bob_0002.png" in summary, summary
+    assert "1 undecodable" in summary and "Bob_0003.jpg" in summary, summary
     for rel in ("Ann/Ann_0001.jpg", "Bob/Bob_0001.jpg"):
         with Image.open(out / rel) as im:
             assert im.size == (112, 112)
