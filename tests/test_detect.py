@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytest.importorskip("mtcnn", reason="the mtcnn package is not installed (a main dependency: pip install -e .)")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+pytest.importorskip("mtcnn", reason="the mtcnn package is not installed (a main dependency: pip install -e .)")
 
 from ppfr_jax import align, image_io  # noqa: E402
 from ppfr_jax.cli import align as align_cli  # noqa: E402

@@ -92,9 +92,8 @@ def detect_faces(image, *, min_face_size: int = 20) -> list[Face]:
         raise ValueError(f"detect_faces needs an (H, W, 3) uint8 RGB image, got {arr.shape} {arr.dtype}")
     if min(arr.shape[:2]) < 12:  # smaller than MTCNN's 12x12 proposal window: nothing to find
         return []
-    det = _detector()
-    with _LOCK:  # one detector per process; TF runs its ops multi-threaded already
-        rows = det.detect_faces(np.ascontiguousarray(arr), box_format="xyxy", output_type="numpy",
+    with _LOCK:  # one detector per process, built once; TF runs its ops multi-threaded already
+        rows = _detector().detect_faces(np.ascontiguousarray(arr), box_format="xyxy", output_type="numpy",
                                 min_face_size=int(min_face_size))
     rows = np.asarray(rows, np.float64).reshape(-1, 16)
     # row: image_id, x1, y1, x2, y2, confidence, then the five x (left_eye, right_eye, nose, mouth_left,
