@@ -17,7 +17,9 @@ CLI (``ppfr-align``)::
     ppfr-align --images lfw/lfw-deepfunneled --landmarks lfw/derived/lfw-deepfunneled_5pt.tsv \\
         --out aligned112 [--template arcface] [--quality 95]
 
-writes ``<out>/<identity>/<file>.jpg`` for every image with a landmark row.
+writes ``<out>/<identity>/<file>.jpg`` for every image with a landmark row;
+without ``--landmarks`` the faces and their points come from a detector
+(``ppfr_jax.data.detect``, raw photos of any size).
 """
 from __future__ import annotations
 
