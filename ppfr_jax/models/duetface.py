@@ -30,7 +30,7 @@ import numpy as np
 
 from ppfr_jax import frequency
 from ppfr_jax.checkpoint_import import torch_to_flax
-from ppfr_jax.models import iresnet, mobilefacenet
+from ppfr_jax.models import iresnet, layers, mobilefacenet
 from ppfr_jax.models.mobilefacenet import ConvBlock, DepthWise, OutputLayer
 
 Dtype = Any
@@ -74,12 +74,6 @@ def minmax_normalise(m: jax.Array, eps: float = 1e-12) -> jax.Array:
 # ----------------------------------------------------------------------------- interactive block
 
 
-def _torch_conv_init(fan_in: int):
-    """torch Conv2d's default: weight and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = 1.0 / np.sqrt(fan_in)
-    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
-
-
 class AttentionMask(nn.Module):
     """Client half of an interactive block: client feature map (+ ROI) -> mask M.
 
@@ -97,8 +91,9 @@ class AttentionMask(nn.Module):
     @nn.compact
     def __call__(self, feature, roi_mask=None):
         c = feature.shape[-1]
-        kernel = self.param("kernel", lambda k, s: _torch_conv_init(c)(k, s), (1, 1, c, self.features))
-        bias = self.param("bias", lambda k, s: _torch_conv_init(c)(k, s), (self.features,))
+        init, _ = layers.torch_default_init(c)  # torch Conv2d's default: U(-1/sqrt(c), 1/sqrt(c))
+        kernel = self.param("kernel", lambda k, s: init(k, s), (1, 1, c, self.features))
+        bias = self.param("bias", lambda k, s: init(k, s), (self.features,))
         x = jnp.asarray(feature, jnp.float32)
         # mean_c(conv(x)) == conv with the mean kernel; resize commutes with it (rows sum to 1)
         m = jnp.einsum("nhwc,c->nhw", x, jnp.mean(kernel[0, 0], axis=-1), precision=_HIGHEST) + jnp.mean(bias)
