@@ -60,7 +60,7 @@ def stage1_views(task, variables, images, key, batch_size: int = 50):
         r = res["x_residue_up"]
         return {"face": (xn + 1) / 2, "regeneration": frequency.idct_transform(res["x_encode_up"]),
                 "residue": frequency.idct_transform(r),
-                "xp": minusface.shuffle_decode(r, k1)[..., :3], "xp2": minusface.shuffle_decode(r, k2)[..., :3]}
+                "xp": frequency.shuffle_decode(r, k1)[..., :3], "xp2": frequency.shuffle_decode(r, k2)[..., :3]}
 
     out = []
     for i in range(0, len(images), batch_size):

@@ -4,7 +4,7 @@
 
 Trains ``configs/minusface.py:stage2,demo`` exactly as the demo does, except that every
 image, in training and in verification, is shuffled with the same permutation θ
-(``minusface.draw_permutations`` replaced for this process only). Comparing its DevTest
+(``frequency.draw_permutations`` replaced for this process only). Comparing its DevTest
 accuracy with the normal stage-2 demo (a fresh θ per image and step) separates "the
 recogniser cannot learn permutation-invariant features at this budget" from a broken
 generator -> residue -> shuffle-decode -> recogniser path. Prints one JSON line.
@@ -22,7 +22,6 @@ import jax.numpy as jnp  # noqa: E402
 
 from _common import emit  # noqa: E402
 from ppfr_jax import config_lib, frequency, train  # noqa: E402
-from ppfr_jax.models import minusface  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,7 +38,7 @@ def main():
         del key
         return jnp.broadcast_to(theta, (n_duplicate, batch, channels))
 
-    minusface.draw_permutations = fixed  # both the training step and eval_permutations call it
+    frequency.draw_permutations = fixed  # shuffle_decode (the training step) and eval_permutations call it
     config = config_lib.load_config_spec(
         os.path.join(ROOT, "configs", "minusface.py") + f":stage2,demo,stage1_workdir={a.stage1}")
     r = train.train_and_evaluate(config, a.workdir)

@@ -145,8 +145,10 @@ def duetface_import(model_sd: dict) -> dict:
     """Reference ``DuetFaceModel`` state_dict (with the interface convs) -> our full variables, numpy:
     ``params`` {server_model, attention_0..3, client_model}, ``batch_stats`` {server_model, client_model}."""
     from ppfr_jax import frequency
+    from ppfr_jax.methods import duetface as duetface_method
     from ppfr_jax.models import duetface
-    m = duetface.build_model("ir18", "mobilefacenet", embedding_size=512, client_embedding_size=512, dropout=0.0)
+    m = duetface_method.build_model("ir18", "mobilefacenet", embedding_size=512, client_embedding_size=512,
+                                    dropout=0.0)
     n_c = 3 * len(frequency.SUB_CHS)
     xs = jax.ShapeDtypeStruct((1, 112, 112, frequency.NUM_CHANNELS - n_c), jnp.float32)
     xc = jax.ShapeDtypeStruct((1, 112, 112, n_c), jnp.float32)
@@ -233,10 +235,11 @@ def run_case(case, a, batch, tmp):
     stage1_wd = ""
     if case == "minusface_stage2":  # the frozen generator goes through the real stage-1 loading path
         from train_step import _save_engine_checkpoint
+        from ppfr_jax.methods import minusface as minusface_method
         from ppfr_jax.models import minusface
         c1 = configure("minusface_stage1", b, lr, None)
-        m1 = minusface.build_model("stage1", backbone=c1.model.backbone, embedding_size=512, dropout=0.0,
-                                   generator_widths=c1.minusface.generator_widths)
+        m1 = minusface_method.build_model("stage1", backbone=c1.model.backbone, embedding_size=512, dropout=0.0,
+                                          generator_widths=c1.minusface.generator_widths)
         v1 = minusface.init_variables(m1)
         g = minusface.unet.import_torch_state_dict(init_sd, {"params": v1["params"]["generator"]},
                                                    prefix="model.generator.backbone.")

@@ -337,14 +337,17 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     raise FileNotFoundError(f"{wd}: neither config.json nor results.json; is it a ppfr_jax training workdir?")
 
 
-def load_frozen(workdir: str, path: tuple[str, ...], *, field: str, what: str, how_to_make: str,
+def load_frozen(workdir: str, path: tuple[str, ...] | Mapping[str, tuple[str, ...]], *, field: str, what: str,
+                how_to_make: str,
                 want: Any = None, mismatch_hint: str = "", step: int | None = None,
                 not_found: type[FileNotFoundError] = FileNotFoundError) -> tuple[Any, int]:
     """A frozen part of an earlier run (DuetFace's client, MinusFace's generator), shape-checked.
 
     Args:
       workdir: the earlier run's workdir ('' = not given).
-      path: keys into its variables, e.g. ``("params", "generator")``.
+      path: keys into its variables, e.g. ``("params", "generator")``; or ``{name: keys}`` for a part
+        spread over collections (``{"params": ("params", "backbone"), "batch_stats": (...)}``), which
+        then comes back as ``{name: sub-tree}`` (and ``want`` has the same names).
       field: the config field (or flag) that named ``workdir``, quoted in every error.
       what: what the part is for, e.g. ``"MinusFace stage 2 freezes the generator of a stage-1 run"``.
       how_to_make: the command that trains such a run, quoted when it is missing.
@@ -368,17 +371,24 @@ def load_frozen(workdir: str, path: tuple[str, ...], *, field: str, what: str, h
         variables, step = restore_variables(workdir, step or None)
     except FileNotFoundError as e:
         raise not_found(f"{field}={workdir!r}: {e}; {what}. " + hint) from None
-    part: Any = variables
-    for i, key in enumerate(path):
-        if not isinstance(part, Mapping) or key not in part:
-            have = sorted(part) if isinstance(part, Mapping) else type(part).__name__
-            raise not_found(f"{field}={workdir!r}: the checkpoint of step {step} has no {'/'.join(path[:i + 1])} "
-                            f"(found {have}); is it the right kind of run? {what}. " + hint)
-        part = part[key]
+    def take(keys):
+        part: Any = variables
+        for i, key in enumerate(keys):
+            if not isinstance(part, Mapping) or key not in part:
+                have = sorted(part) if isinstance(part, Mapping) else type(part).__name__
+                raise not_found(f"{field}={workdir!r}: the checkpoint of step {step} has no "
+                                f"{'/'.join(keys[:i + 1])} (found {have}); is it the right kind of run? {what}. "
+                                + hint)
+            part = part[key]
+        return part
+
+    named = isinstance(path, Mapping)
+    part = {name: take(keys) for name, keys in path.items()} if named else take(path)
     if want is not None:
         got_s = jax.tree.map(lambda a: tuple(np.shape(a)), part)
         want_s = jax.tree.map(lambda a: tuple(a.shape), want)
         if got_s != want_s:
-            raise ValueError(f"{field}={workdir!r}: {'/'.join(path)} saved at step {step} does not have the shapes "
+            where = ", ".join("/".join(k) for k in path.values()) if named else "/".join(path)
+            raise ValueError(f"{field}={workdir!r}: {where} saved at step {step} does not have the shapes "
                              f"this config needs" + (f"; {mismatch_hint}" if mismatch_hint else ""))
     return part, step

@@ -283,27 +283,44 @@ def permute_channels(x: jax.Array, perms: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, perms[:, None, None, :], axis=-1)
 
 
-def shuffle_decode(residue: jax.Array, key: jax.Array, n_duplicate: int = 1) -> jax.Array:
-    """MinusFace stage-2 protected image from a DCT-domain residue.
+def draw_permutations(key: jax.Array, batch: int, n_duplicate: int = 1, channels: int = NUM_CHANNELS) -> jax.Array:
+    """Independent channel permutations: (n_duplicate, batch, channels) int32.
 
-    For each of ``n_duplicate`` rounds, draws a fresh permutation of the 192
-    channels per sample, decodes it with ``idct_transform`` and concatenates
-    the rounds on channels.
-
-    Args:
-      residue: (N, 112, 112, 192) residue r = x - g(x).
-      key: a ``jax.random`` key; a fresh key gives a fresh protection.
-    Returns:
-      (N, 112, 112, 3 * n_duplicate) in [0, 1] (what the reference feeds its
-      stage-2 recogniser: no ``*2-1``).
+    One sub-key per duplicate, then one per sample (``random_permutations``).
     """
     if n_duplicate < 1:
         raise ValueError(f"n_duplicate must be >= 1, got {n_duplicate}")
-    outs = []
-    for k in jax.random.split(key, n_duplicate):
-        perms = random_permutations(k, residue.shape[0], residue.shape[-1])
-        outs.append(idct_transform(permute_channels(residue, perms)))
-    return jnp.concatenate(outs, axis=-1)
+    return jnp.stack([random_permutations(k, batch, channels) for k in jax.random.split(key, n_duplicate)])
+
+
+def shuffle_decode(residue: jax.Array, key: jax.Array | None = None, *, perms: jax.Array | None = None,
+                   n_duplicate: int = 1) -> jax.Array:
+    """MinusFace stage-2 protected image: per-sample channel shuffle of the residue, then inverse DCT.
+
+    Args:
+      residue: (N, 112, 112, 192) DCT-domain residue ``x - g(x)``.
+      key: ``jax.random`` key the permutations are drawn from (``draw_permutations``;
+        ignored if ``perms``); a fresh key gives a fresh protection.
+      perms: (n_duplicate, N, 192) or (N, 192) permutations to use instead
+        (e.g. recorded ones, for parity tests, or the host's in deployment).
+      n_duplicate: independent shuffles concatenated on channels.
+    Returns:
+      (N, 112, 112, 3 * n_duplicate) in [0, 1] (what the reference feeds its
+      stage-2 recogniser: no ``*2-1``).
+    Raises:
+      ValueError: neither key nor perms, or perms of the wrong shape.
+    """
+    n = residue.shape[0]
+    if perms is None:
+        if key is None:
+            raise ValueError("shuffle_decode needs a jax.random key (or explicit perms)")
+        perms = draw_permutations(key, n, n_duplicate, residue.shape[-1])
+    perms = jnp.asarray(perms)
+    if perms.ndim == 2:
+        perms = perms[None]
+    if perms.ndim != 3 or perms.shape[1:] != (n, residue.shape[-1]):
+        raise ValueError(f"perms must be (n_duplicate, {n}, {residue.shape[-1]}), got shape {perms.shape}")
+    return jnp.concatenate([idct_transform(permute_channels(residue, p)) for p in perms], axis=-1)
 
 
 # --------------------------------------------------------------------------- reference path

@@ -59,7 +59,7 @@ Checkpoints: ``config.duetface.workdir`` (a DuetFace **server** run:
 ``configs/duetface.py:server,...``; its checkpoint holds the frozen client and
 the trained attention projections - everything the client side runs) and
 ``config.minusface.workdir`` (a MinusFace stage-1 or stage-2 run: its
-generator). Architecture fields are read from the run's ``results.json`` when
+generator). Architecture fields are read from the run's saved config when
 it is there, else from ``config.duetface`` / ``config.minusface``. A row whose
 checkpoint is missing is skipped with a message (recorded in
 ``privacy.json``'s ``skipped``) unless ``config.allow_untrained`` (tests):
@@ -91,7 +91,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ppfr_jax import checkpoints, data, frequency, tasks
+from ppfr_jax import checkpoints, data, frequency, roi, tasks
+from ppfr_jax.methods import duetface, minusface
+from ppfr_jax.methods.contract import MissingVariables
+from ppfr_jax.models.duetface import DuetFaceModel, resize_bilinear
 
 PSNR_CAP = 100.0
 ROWS = ("raw", "duetface", "minusface", "minusface_fixed_theta")
@@ -173,38 +176,34 @@ def duetface_server_image(x, sub_channels=frequency.SUB_CHS) -> tuple[jax.Array,
       (server channels (N, 112, 112, 162), decoded (N, 112, 112, 3) in [0, 1]:
       ``idct`` of the 192 channels with the client's 30 set to zero).
     """
-    from ppfr_jax.models import duetface
-
     server, _ = duetface.split_input(x, sub_channels)
     return server, frequency.idct_transform(frequency.merge_channels(server, None, sub_channels))
 
 
-def duetface_server_view(model, variables, *, sub_channels=frequency.SUB_CHS, attacker_input: str = "channels",
+def duetface_server_view(split, variables, *, attacker_input: str = "channels",
                          source: str = "-") -> Representation:
     """What the DuetFace server receives: 162 DCT channels + the client's 4 attention masks.
 
     Args:
-      model: a ``duetface.DuetFaceModel``; variables: ``{'params': {'client_model', 'attention_0..3'},
-        'batch_stats': {'client_model'}}`` (only the client side runs).
+      split: a ``methods.duetface.DuetFaceSplit``; variables: its client half,
+        ``{'params': {'client_model', 'attention_0..3'}, 'batch_stats': {'client_model'}}``.
       attacker_input: ``'channels'`` (the 162 channels) or ``'decoded'`` (their
         3-channel decode in [-1, 1]); the 4 masks (resized to 112x112, in [0, 1])
         are appended either way: 166 or 7 channels.
     """
-    from ppfr_jax import roi
-    from ppfr_jax.models import duetface
-
     if attacker_input not in ("channels", "decoded"):
         raise ValueError(f"config.duetface.attacker_input must be 'channels' or 'decoded', got {attacker_input!r}")
     template = roi.template_mask()
 
     def apply(v, x, key):
         del key
-        server, decoded = duetface_server_image(x, sub_channels)
-        _, client = duetface.split_input(x, sub_channels)
+        _, decoded = duetface_server_image(x, split.sub_channels)
         r = jnp.broadcast_to(jnp.asarray(template), (x.shape[0],) + template.shape)
-        masks = model.apply(v, client, r, method=duetface.DuetFaceModel.client_side)
+        sent = split.client_fn(v, x, r)
+        server = sent["server_channels"]
         size = frequency.IMAGE_SIZE
-        masks = [duetface.resize_bilinear(m.astype(jnp.float32), size, align_corners=False) for m in masks]
+        masks = [resize_bilinear(sent[k].astype(jnp.float32), size, align_corners=False)
+                 for k in split.output_names if k.startswith("attention_mask_")]
         base = server if attacker_input == "channels" else decoded * 2.0 - 1.0
         return jnp.concatenate([base.astype(jnp.float32)] + masks, axis=-1), decoded
 
@@ -212,27 +211,26 @@ def duetface_server_view(model, variables, *, sub_channels=frequency.SUB_CHS, at
     return Representation("duetface", apply, variables, f"{what} + 4 attention masks (server's view)", source)
 
 
-def minusface_view(model, variables, *, fixed_theta=None, name: str = "minusface",
+def minusface_view(split, variables, *, fixed_theta=None, name: str = "minusface",
                    source: str = "-") -> Representation:
     """MinusFace's protected image ``X_p`` (n_duplicate = 1: 3 channels in [0, 1]).
 
     Args:
-      model: a stage-2 ``minusface.MinusBackbone``; variables ``{'params': {'generator': ...}}``.
+      split: a ``methods.minusface.MinusFaceSplit`` (n_duplicate 1); variables: its client half,
+        ``{'params': {'generator': ...}}``.
       fixed_theta: None (a fresh permutation per image, drawn from the call's
         key), or a (192,) permutation used for every image.
     """
-    from ppfr_jax.models import minusface
-
     theta = None if fixed_theta is None else jnp.asarray(fixed_theta, jnp.int32)
     if theta is not None and theta.shape != (frequency.NUM_CHANNELS,):
         raise ValueError(f"fixed_theta must be a ({frequency.NUM_CHANNELS},) permutation, got shape {theta.shape}")
 
     def apply(v, x, key):
-        if theta is None:
-            xp = model.apply(v, x, key, method=minusface.MinusBackbone.protect)
+        if theta is None:  # (N, 1, 192): the draw frequency.shuffle_decode makes from this key
+            perms = jnp.swapaxes(frequency.draw_permutations(key, x.shape[0], 1), 0, 1)
         else:
-            perms = jnp.broadcast_to(theta, (1, x.shape[0], theta.shape[0]))
-            xp = model.apply(v, x, perms=perms, method=minusface.MinusBackbone.protect)
+            perms = jnp.broadcast_to(theta, (x.shape[0], 1, theta.shape[0]))
+        xp = split.client_fn(v, x, perms)["x_p"]
         return xp * 2.0 - 1.0, xp
 
     what = "X_p, fresh θ per image" if theta is None else "X_p, one fixed θ"
@@ -248,12 +246,11 @@ def fixed_theta(seed: int) -> np.ndarray:
 
 
 def _run_config(workdir: str) -> dict:
-    """The training config a run saved in ``<workdir>/results.json`` ({} if absent)."""
-    path = os.path.join(workdir, "results.json")
-    if not os.path.isfile(path):
+    """The training config a run saved (``checkpoints.load_run_config``) as a dict; {} if it has none."""
+    try:
+        return checkpoints.load_run_config(workdir).to_dict()
+    except (FileNotFoundError, ValueError):
         return {}
-    with open(path) as f:
-        return json.load(f).get("config", {}) or {}
 
 
 def _init_key(rng):
@@ -293,8 +290,6 @@ def _restore_run(config, row: str, arg: str, restore, how: str):
 
 def load_duetface(config, rng) -> Representation:
     """The DuetFace row from ``config.duetface`` (see the module doc)."""
-    from ppfr_jax.models import duetface
-
     d = config.duetface
     wd = d.get("workdir", "") or ""
     run = _run_config(wd) if wd else {}
@@ -306,10 +301,11 @@ def load_duetface(config, rng) -> Representation:
     model = duetface.build_model(arch["backbone"], arch["client_backbone"],
                                  client_embedding_size=arch["client_embedding_size"], dropout=0.0,
                                  sub_channels=arch["sub_channels"])
+    split = duetface.DuetFaceSplit(model, arch["sub_channels"])
     n_client = 3 * len(arch["sub_channels"])
     x_client = jax.ShapeDtypeStruct((1, 112, 112, n_client), jnp.float32)
     r = jax.ShapeDtypeStruct((1, 112, 112), jnp.float32)
-    init = functools.partial(model.init, method=duetface.DuetFaceModel.client_side)
+    init = functools.partial(model.init, method=DuetFaceModel.client_side)  # the client half only
     want = jax.eval_shape(init, jax.random.key(0), x_client, r)
     how = d.get("command", "") or "python -m ppfr_jax.main --config configs/duetface.py:server,demo " \
                                    "--workdir runs/duetface_server_demo"
@@ -319,58 +315,54 @@ def load_duetface(config, rng) -> Representation:
         source = "untrained"
     else:
         ckpt, step = restored
-        frozen = ckpt.get("frozen", {}).get("client_model")
-        params = ckpt["params"].get("duetface", {})
-        if frozen is None or not any(k.startswith("attention_") for k in params):
-            raise ValueError(f"config.duetface.workdir={wd!r}: the checkpoint of step {step} has no frozen client "
-                             f"and attention projections (params: {sorted(ckpt['params'])}); the privacy row needs "
-                             f"a DuetFace *server* run (configs/duetface.py:server,...)")
-        variables = {"params": {"client_model": frozen["params"],
-                                **{k: v for k, v in params.items() if k.startswith("attention_")}},
-                     "batch_stats": {"client_model": frozen["batch_stats"]}}
+        try:
+            variables = split.client_variables(ckpt)
+        except MissingVariables as e:
+            raise ValueError(f"config.duetface.workdir={wd!r}: the checkpoint of step {step} has no {e.path} "
+                             f"(params: {sorted(ckpt['params'])}); the privacy row needs a DuetFace *server* run "
+                             f"(configs/duetface.py:server,...)") from None
         if _shapes(variables) != _shapes(dict(want)):
             raise ValueError(f"config.duetface: backbone={arch['backbone']!r}, client_backbone="
                              f"{arch['client_backbone']!r}, client_embedding_size={arch['client_embedding_size']} "
                              f"do not match the client side saved in {wd!r} (step {step}); set them to the run's")
         variables = jax.tree.map(jnp.asarray, variables)
         source = f"{os.path.abspath(wd)} (step {step})"
-    return duetface_server_view(model, variables, sub_channels=arch["sub_channels"],
-                                attacker_input=d.get("attacker_input", "channels"), source=source)
+    return duetface_server_view(split, variables, attacker_input=d.get("attacker_input", "channels"), source=source)
 
 
 def load_minusface_generator(config, rng):
-    """-> (stage-2 ``MinusBackbone``, generator variables, source) from ``config.minusface``."""
-    from ppfr_jax.models import minusface, unet
-
+    """-> (a stage-2 ``MinusFaceSplit``, its client half ``{'params': {'generator'}}``, source) from
+    ``config.minusface``."""
     mf = config.minusface
     wd = mf.get("workdir", "") or ""
     run = _run_config(wd) if wd else {}
     widths = tuple(int(w) for w in run.get("minusface", {}).get("generator_widths", mf.generator_widths))
     # the generator's function depends on its run's scale (g = s U(x / s)), as on its widths
     scale = float(run.get("minusface", {}).get("generator_scale", mf.get("generator_scale", 1.0)))
-    model = minusface.build_model("stage2", backbone="ir_tiny", generator_widths=widths, n_duplicate=1,
-                                  generator_scale=scale)
-    gen = unet.UNet(in_channels=frequency.NUM_CHANNELS, out_channels=frequency.NUM_CHANNELS, widths=widths)
+    split = minusface.MinusFaceSplit(minusface.build_model("stage2", backbone="ir_tiny", generator_widths=widths,
+                                                           n_duplicate=1, generator_scale=scale))
+    gen = split.model.generator
     x = jax.ShapeDtypeStruct((1, 112, 112, frequency.NUM_CHANNELS), jnp.float32)
     want = jax.eval_shape(gen.init, jax.random.key(0), x)["params"]
     how = mf.get("command", "") or "python -m ppfr_jax.main --config configs/minusface.py:stage1,demo " \
                                     "--workdir runs/minusface_stage1_demo"
-    restored = _restore_run(config, "minusface", "minusface_workdir", minusface.restore_variables, how)
+    restored = _restore_run(config, "minusface", "minusface_workdir", checkpoints.restore_variables, how)
     if restored is None:
         params = jax.jit(lambda k, x: gen.init(_init_key(k), x))(rng, jnp.zeros(x.shape))["params"]
         source = "untrained"
     else:
         ckpt, step = restored
-        params = ckpt["params"].get("generator")
-        if params is None:
+        try:
+            params = split.client_variables(ckpt)["params"]["generator"]
+        except MissingVariables:
             raise ValueError(f"config.minusface.workdir={wd!r}: the checkpoint of step {step} has no generator "
-                             f"(params: {sorted(ckpt['params'])}); is it a MinusFace stage-1/2 run?")
+                             f"(params: {sorted(ckpt['params'])}); is it a MinusFace stage-1/2 run?") from None
         if _shapes(params) != _shapes(want):
             raise ValueError(f"config.minusface.generator_widths={widths} does not match the generator saved in "
                              f"{wd!r} (step {step}); set it to the run's widths")
         params = jax.tree.map(jnp.asarray, params)
         source = f"{os.path.abspath(wd)} (step {step})"
-    return model, {"params": {"generator": params}}, source
+    return split, {"params": {"generator": params}}, source
 
 
 # ----------------------------------------------------------------------------- the attacker
@@ -672,13 +664,13 @@ def _representations(config, rng, log) -> tuple[list[tuple[Representation, list]
                         mf = e
                 if isinstance(mf, RowUnavailable):
                     raise RowUnavailable(str(mf).replace("row 'minusface'", f"row {row!r}"))
-                model, variables, source = mf
-                fresh = minusface_view(model, variables, source=source)
+                split, variables, source = mf
+                fresh = minusface_view(split, variables, source=source)
                 if row == "minusface":
                     out.append((fresh, [("minusface", fresh)]))
                 else:
                     theta = fixed_theta(int(config.minusface.fixed_theta_seed))
-                    fixed = minusface_view(model, variables, fixed_theta=theta, name="minusface_fixed_theta",
+                    fixed = minusface_view(split, variables, fixed_theta=theta, name="minusface_fixed_theta",
                                            source=source)
                     fresh_t = dataclasses.replace(fresh, name=FIXED_FRESH,
                                                   description="X_p, fresh θ (attacker trained on one fixed θ)")

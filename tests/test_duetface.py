@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from conftest import golden_state_dict, load_golden, suggested_atol
-from ppfr_jax import checkpoints, frequency, methods, roi, train
+from ppfr_jax import checkpoints, frequency, methods, roi, tasks, train
+from ppfr_jax.methods import duetface as duetface_method
 from ppfr_jax.models import duetface, pfld
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -132,8 +133,8 @@ def test_empty_roi_gives_sigmoid_not_nan():
 
 def test_duetface_model_matches_reference():
     g = load_golden("duetface_model")
-    model = duetface.build_model("ir18", "mobilefacenet")
-    xs, xc = duetface.split_input(nhwc(g["x_rgb"]))
+    model = duetface_method.build_model("ir18", "mobilefacenet")
+    xs, xc = duetface_method.split_input(nhwc(g["x_rgb"]))
     mask = roi.landmark_mask(g["landmarks"])
     target = jax.eval_shape(model.init, jax.random.key(0), xs, xc, mask)
 
@@ -179,7 +180,7 @@ def test_batch_roi_replaces_the_computed_roi(monkeypatch):
     cv = client.init(jax.random.key(3), jnp.zeros((1, 112, 112, 30)), train=False)
     monkeypatch.setattr(checkpoints, "restore_variables", lambda wd, step=None: (
         {"params": {"backbone": cv["params"]}, "batch_stats": {"backbone": cv["batch_stats"]}}, 1))
-    task = duetface.DuetFaceTask(c, 10)
+    task = duetface_method.DuetFaceTask(c, 10)
     images = np.random.default_rng(0).integers(0, 256, (2, 112, 112, 3), dtype=np.uint8)
     labels = np.array([1, 7], np.int32)
     v = task.init(jax.random.key(0), images, labels)
@@ -220,11 +221,11 @@ def two_stage(tmp_path_factory):
 
 def test_server_stage_refuses_without_client_checkpoint(tmp_path):
     c = duetface_config.get_config("server,tiny")
-    with pytest.raises(duetface.ClientCheckpointNotFound,
+    with pytest.raises(duetface_method.ClientCheckpointNotFound,
                        match=r"python -m ppfr_jax\.main --config configs/duetface\.py:client,tiny --workdir"):
         train.train_and_evaluate(c, str(tmp_path / "a"))
     c = duetface_config.get_config(f"server,tiny,client_workdir={tmp_path / 'nothing_here'}")
-    with pytest.raises(duetface.ClientCheckpointNotFound, match="no checkpoint under"):
+    with pytest.raises(duetface_method.ClientCheckpointNotFound, match="no checkpoint under"):
         train.train_and_evaluate(c, str(tmp_path / "b"))
     assert not os.path.exists(tmp_path / "b" / "checkpoints" / "2")
 
@@ -253,20 +254,26 @@ def test_deployment_split_sends_only_server_channels_and_masks(two_stage):
     variables, _ = checkpoints.restore_variables(server_wd)
     images = np.random.default_rng(0).integers(0, 256, (4, 112, 112, 3), dtype=np.uint8)
 
-    sent = jax.jit(task.client_side)(variables, images)
-    assert set(sent) == {"server_channels", "attention_masks"}
-    xs, xc = duetface.split_input(images)
+    # the contract (methods.METHODS): each half reads only its own variables
+    split = task.split
+    assert isinstance(split, methods.METHODS["duetface"])
+    client_vars, server_vars = split.split_variables(variables)
+    assert set(client_vars["params"]) == {"client_model", "attention_0", "attention_1", "attention_2",
+                                          "attention_3"}
+    assert set(server_vars["params"]) == {"server_model"}
+    r = task.roi_mask(variables, tasks.normalise_images(images), None, task.eval_roi_source)
+    sent = jax.jit(split.client_fn)(client_vars, images, r)
+    assert set(sent) == set(split.output_names)
+    xs, xc = duetface_method.split_input(images)
     np.testing.assert_allclose(sent["server_channels"], xs, rtol=1e-5, atol=1e-4)  # jit fuses the DCT differently
-    assert [m.shape for m in sent["attention_masks"]] == [(4, 56, 56, 1), (4, 28, 28, 1), (4, 14, 14, 1),
-                                                           (4, 7, 7, 1)]
+    assert [sent[f"attention_mask_{s}"].shape for s in range(4)] == [(4, 56, 56, 1), (4, 28, 28, 1),
+                                                                     (4, 14, 14, 1), (4, 7, 7, 1)]
     leaves = jax.tree.leaves(sent)
     assert len(leaves) == 5  # nothing else travels: no client channels, image or landmarks
     assert all(leaf.shape[-1] not in (3, xc.shape[-1]) for leaf in leaves)
 
     # the server needs nothing of the client's
-    server_only = {"params": {"duetface": {"server_model": variables["params"]["duetface"]["server_model"]}},
-                   "batch_stats": {"duetface": {"server_model": variables["batch_stats"]["duetface"]["server_model"]}}}
-    emb = jax.jit(task.server_side)(server_only, sent)
+    emb = jax.jit(split.server_fn)(server_vars, sent)
     full = jax.jit(task.embed)(variables, images)
     np.testing.assert_allclose(np.asarray(emb), np.asarray(full), rtol=0, atol=1e-5)
 
@@ -295,7 +302,7 @@ def test_roi_sources(two_stage, tmp_path):
     with pytest.raises(ValueError, match="data.landmarks"):
         task.roi_mask({}, x, None)
     with pytest.raises(ValueError, match="roi_source"):
-        duetface.DuetFaceTask(duetface_config.get_config(f"server,tiny,client_workdir={client_wd},roi=nose"), 10)
+        duetface_method.DuetFaceTask(duetface_config.get_config(f"server,tiny,client_workdir={client_wd},roi=nose"), 10)
 
 
 def test_config_variants():

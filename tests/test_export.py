@@ -2,8 +2,8 @@
 
 Models are the tiny configs with untrained weights (``--untrained``): the
 numbers they compute mean nothing, but every tensor goes through the same
-code as a trained run's. ONNX tolerance: ``export.TOLERANCE`` (1e-4 of each
-output's scale; see ``ppfr_jax/export.py`` for why), checked at two batch
+code as a trained run's. ONNX tolerance: ``deploy.onnx.TOLERANCE`` (1e-4 of each
+output's scale; see ``ppfr_jax/deploy/onnx.py`` for why), checked at two batch
 sizes so the symbolic batch dimension is exercised.
 """
 from __future__ import annotations
@@ -19,6 +19,9 @@ import pytest
 from PIL import Image
 
 from ppfr_jax import checkpoints, deploy, frequency
+from ppfr_jax.cli import export as cli_export
+from ppfr_jax.cli import protect as cli_protect
+from ppfr_jax.cli import verify as cli_verify
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
@@ -30,7 +33,7 @@ DF_SPEC = os.path.join(ROOT, "configs", "duetface.py") + ":server,tiny"
 
 
 def _untrained(spec):
-    return deploy._cached_deployment(None, spec, True, 0, None, None)
+    return deploy.cached_deployment(None, spec, True, 0, None, None)
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +50,8 @@ def df():
 def onnx_tools():
     pytest.importorskip("jax2onnx", reason="ONNX export needs jax2onnx (pip install 'ppfr_jax[export]')")
     pytest.importorskip("onnxruntime", reason="the export check needs onnxruntime (pip install 'ppfr_jax[export]')")
-    from ppfr_jax import export
-    return export
+    from ppfr_jax.deploy import onnx
+    return onnx
 
 
 @pytest.fixture(scope="module")
@@ -165,12 +168,12 @@ def test_duetface_onnx_matches_jax_with_dynamic_batch(df, onnx_tools, tmp_path):
 
 def test_export_cli(onnx_tools, tmp_path, capsys):
     out = str(tmp_path / "c.onnx")
-    assert onnx_tools.main(["--method", "minusface", "--config", MF_SPEC, "--untrained", "--out", out]) == 0
+    assert cli_export.main(["--method", "minusface", "--config", MF_SPEC, "--untrained", "--out", out]) == 0
     text = capsys.readouterr().out
     assert os.path.isfile(out) and "x_p@1: max |onnx - jax|" in text and "x_p@3" in text
-    assert onnx_tools.main(["--method", "duetface", "--config", MF_SPEC, "--untrained", "--out", out]) == 2
+    assert cli_export.main(["--method", "duetface", "--config", MF_SPEC, "--untrained", "--out", out]) == 2
     assert "--method duetface, but" in capsys.readouterr().err
-    assert onnx_tools.main(["--workdir", str(tmp_path / "no_run"), "--out", out]) == 2
+    assert cli_export.main(["--workdir", str(tmp_path / "no_run"), "--out", out]) == 2
     assert "no_run" in capsys.readouterr().err
 
 
@@ -178,15 +181,15 @@ def test_export_cli(onnx_tools, tmp_path, capsys):
 
 
 def _verify(spec, a, b, capsys, *extra):
-    rc = deploy.verify_main(["--config", spec, "--untrained", str(a), str(b), "--json", *extra])
+    rc = cli_verify.main(["--config", spec, "--untrained", str(a), str(b), "--json", *extra])
     assert rc == 0, capsys.readouterr().err
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
 def test_minusface_protect_verify_round_trip(mf, faces, tmp_path, capsys):
     out = tmp_path / "protected"
-    assert deploy.protect_main(["--method", "minusface", "--config", MF_SPEC, "--untrained",
-                                "--images", str(faces), "--out", str(out), "--keep-names"]) == 0
+    assert cli_protect.main(["--method", "minusface", "--config", MF_SPEC, "--untrained",
+                             "--images", str(faces), "--out", str(out), "--keep-names"]) == 0
     assert "3 protected file(s)" in capsys.readouterr().out
     assert sorted(os.listdir(out)) == sorted(f"{n}{e}" for n in ("alice_1", "bob_1", "alice_copy")
                                              for e in (".npz", ".xp.png"))
@@ -207,7 +210,7 @@ def test_minusface_protect_verify_round_trip(mf, faces, tmp_path, capsys):
     assert same["score"] == pytest.approx(1.0, abs=1e-5) and same["same"] is True
     r = _verify(MF_SPEC, out / "alice_1.npz", out / "bob_1.npz", capsys, "--threshold", "2")
     assert -1.0 <= r["score"] <= 1.0 and r["same"] is False and r["threshold_source"] == "--threshold"
-    rc = deploy.verify_main(["--config", MF_SPEC, "--untrained", str(out / "alice_1.npz"), str(out / "bob_1.npz")])
+    rc = cli_verify.main(["--config", MF_SPEC, "--untrained", str(out / "alice_1.npz"), str(out / "bob_1.npz")])
     text = capsys.readouterr().out
     assert rc == 0 and "cosine" in text and ("same person" in text or "different people" in text)
     assert "default, uncalibrated" in text
@@ -215,8 +218,8 @@ def test_minusface_protect_verify_round_trip(mf, faces, tmp_path, capsys):
 
 def test_duetface_protect_verify_round_trip(df, faces, tmp_path, capsys):
     out = tmp_path / "protected"
-    assert deploy.protect_main(["--config", DF_SPEC, "--untrained", "--images", str(faces / "alice_1.png"),
-                                str(faces / "bob_1.png"), "--out", str(out), "--keep-names"]) == 0
+    assert cli_protect.main(["--config", DF_SPEC, "--untrained", "--images", str(faces / "alice_1.png"),
+                             str(faces / "bob_1.png"), "--out", str(out), "--keep-names"]) == 0
     assert sorted(os.listdir(out)) == ["alice_1.npz", "bob_1.npz"]
     with np.load(out / "alice_1.npz") as z:
         assert sorted(z.files) == ["attention_mask_0", "attention_mask_1", "attention_mask_2", "attention_mask_3",
@@ -229,13 +232,13 @@ def test_duetface_protect_verify_round_trip(df, faces, tmp_path, capsys):
 
 
 def test_threshold_from_results_json(tmp_path):
-    assert deploy.resolve_threshold(None, None) == (deploy.DEFAULT_THRESHOLD, "default, uncalibrated")
-    assert deploy.resolve_threshold(str(tmp_path), 0.42)[0] == 0.42
+    assert cli_verify.resolve_threshold(None, None) == (cli_verify.DEFAULT_THRESHOLD, "default, uncalibrated")
+    assert cli_verify.resolve_threshold(str(tmp_path), 0.42)[0] == 0.42
     (tmp_path / "results.json").write_text(json.dumps({"devtest_threshold": 1.2}))
-    thr, where = deploy.resolve_threshold(str(tmp_path), None)
+    thr, where = cli_verify.resolve_threshold(str(tmp_path), None)
     assert thr == pytest.approx(0.4) and "devtest_threshold" in where  # squared L2 1.2 <-> cos 0.4
     (tmp_path / "results.json").write_text(json.dumps({"verify_threshold": 0.25, "devtest_threshold": 1.2}))
-    assert deploy.resolve_threshold(str(tmp_path), None)[0] == 0.25
+    assert cli_verify.resolve_threshold(str(tmp_path), None)[0] == 0.25
 
 
 # ----------------------------------------------------------------------------- bad inputs
@@ -243,18 +246,18 @@ def test_threshold_from_results_json(tmp_path):
 
 def test_bad_inputs_name_the_file(mf, faces, tmp_path, capsys):
     good = tmp_path / "p"
-    assert deploy.protect_main(["--config", MF_SPEC, "--untrained", "--images", str(faces / "alice_1.png"),
-                                "--out", str(good), "--no-preview", "--keep-names"]) == 0
+    assert cli_protect.main(["--config", MF_SPEC, "--untrained", "--images", str(faces / "alice_1.png"),
+                             "--out", str(good), "--no-preview", "--keep-names"]) == 0
     assert os.listdir(good) == ["alice_1.npz"]
     capsys.readouterr()
     ok = str(good / "alice_1.npz")
 
     def protect_err(*args):
-        assert deploy.protect_main(["--config", MF_SPEC, "--untrained", "--out", str(tmp_path / "x"), *args]) == 2
+        assert cli_protect.main(["--config", MF_SPEC, "--untrained", "--out", str(tmp_path / "x"), *args]) == 2
         return capsys.readouterr().err
 
     def verify_err(a, b, spec=MF_SPEC):
-        assert deploy.verify_main(["--config", spec, "--untrained", str(a), str(b)]) == 2
+        assert cli_verify.main(["--config", spec, "--untrained", str(a), str(b)]) == 2
         return capsys.readouterr().err
 
     # images: wrong size, missing, not an image, duplicate output names
@@ -266,7 +269,7 @@ def test_bad_inputs_name_the_file(mf, faces, tmp_path, capsys):
     (tmp_path / "dup").mkdir()
     Image.new("RGB", (112, 112)).save(tmp_path / "dup" / "alice_1.png")
     assert "alice_1.npz" in protect_err("--images", str(faces / "alice_1.png"), str(tmp_path / "dup"), "--keep-names")
-    assert deploy.protect_main(["--untrained", "--images", str(faces), "--out", str(tmp_path / "x")]) == 2
+    assert cli_protect.main(["--untrained", "--images", str(faces), "--out", str(tmp_path / "x")]) == 2
     assert "--untrained needs --config" in capsys.readouterr().err
 
     # protected files: missing, corrupt, a plain npz, another method's run, another client, wrong shape
@@ -299,7 +302,7 @@ def test_protected_names_carry_nothing_of_the_input_name(mf, faces, tmp_path, ca
     for f in ("alice_1.png", "bob_1.png"):
         (src / f"Jane_Doe_{f}").write_bytes((faces / f).read_bytes())
     out = tmp_path / "out"
-    assert deploy.protect_main(["--config", MF_SPEC, "--untrained", "--images", str(src), "--out", str(out)]) == 0
+    assert cli_protect.main(["--config", MF_SPEC, "--untrained", "--images", str(src), "--out", str(out)]) == 0
     msg = capsys.readouterr().out
     names = sorted(os.listdir(out))
     assert len(names) == 4 and not any(w in n for n in names for w in ("Jane", "Doe", "alice", "bob", "_1"))
@@ -316,14 +319,14 @@ def test_protected_names_carry_nothing_of_the_input_name(mf, faces, tmp_path, ca
             assert b"Jane" not in f.read()
     # a second run adds files and entries, never replaces any
     before = {n: (out / n).read_bytes() for n in names}
-    assert deploy.protect_main(["--config", MF_SPEC, "--untrained", "--images", str(src), "--out", str(out),
-                                "--no-preview"]) == 0
+    assert cli_protect.main(["--config", MF_SPEC, "--untrained", "--images", str(src), "--out", str(out),
+                             "--no-preview"]) == 0
     after = sorted(os.listdir(out))
     assert len(after) == 6 and all((out / n).read_bytes() == b for n, b in before.items())
     assert len(json.loads(manifest.read_text())["files"]) == 4
     # the manifest may not be put where it would travel with the files
-    assert deploy.protect_main(["--config", MF_SPEC, "--untrained", "--images", str(src), "--out", str(out),
-                                "--manifest", str(out / "m.json")]) == 2
+    assert cli_protect.main(["--config", MF_SPEC, "--untrained", "--images", str(src), "--out", str(out),
+                             "--manifest", str(out / "m.json")]) == 2
     assert "inside --out" in capsys.readouterr().err
     # opting in to input names says so in the help
     help_text = deploy_help()
@@ -335,7 +338,7 @@ def deploy_help():
     import io
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf), pytest.raises(SystemExit):
-        deploy.protect_main(["--help"])
+        cli_protect.main(["--help"])
     return " ".join(buf.getvalue().split())
 
 
@@ -343,17 +346,17 @@ def test_existing_files_are_never_overwritten(mf, faces, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["--config", MF_SPEC, "--untrained", "--images", str(faces / "alice_1.png"), "--out", str(out),
             "--keep-names"]
-    assert deploy.protect_main(args) == 0
+    assert cli_protect.main(args) == 0
     first = {n: (out / n).read_bytes() for n in os.listdir(out)}
     capsys.readouterr()
-    assert deploy.protect_main(args) == 2
+    assert cli_protect.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ppfr-protect: error: ") and "already exists" in err[0]
     assert {n: (out / n).read_bytes() for n in os.listdir(out)} == first
     # a foreign file where the manifest would go is not replaced either
     (tmp_path / "o2.manifest.json").write_text("my notes")
-    assert deploy.protect_main(["--config", MF_SPEC, "--untrained", "--images", str(faces / "alice_1.png"),
-                                "--out", str(tmp_path / "o2")]) == 2
+    assert cli_protect.main(["--config", MF_SPEC, "--untrained", "--images", str(faces / "alice_1.png"),
+                             "--out", str(tmp_path / "o2")]) == 2
     assert "not a ppfr-protect manifest" in capsys.readouterr().err
     assert (tmp_path / "o2.manifest.json").read_text() == "my notes"
 
@@ -383,7 +386,7 @@ def test_every_bad_input_is_one_line(mf, faces, tmp_path, capsys, case):
         args[-1] = ""
         want = "--out: empty path"
     try:
-        rc = deploy.protect_main(args)
+        rc = cli_protect.main(args)
     except SystemExit as e:  # argparse's own errors: usage line + "prog: error: ..."
         rc = e.code
     err = capsys.readouterr().err
@@ -429,25 +432,24 @@ def test_workdir_export_protect_verify(method, faces, tmp_path, capsys):
                      variables["batch_stats"]["duetface"]["server_model"])
 
     out = tmp_path / "protected"
-    assert deploy.protect_main(["--method", method, "--workdir", second, "--images", str(faces),
-                                "--out", str(out), "--keep-names"]) == 0
-    rc = deploy.verify_main(["--workdir", second, str(out / "alice_1.npz"), str(out / "bob_1.npz"), "--json"])
+    assert cli_protect.main(["--method", method, "--workdir", second, "--images", str(faces),
+                             "--out", str(out), "--keep-names"]) == 0
+    rc = cli_verify.main(["--workdir", second, str(out / "alice_1.npz"), str(out / "bob_1.npz"), "--json"])
     assert rc == 0
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert r["method"] == method and -1.0 <= r["score"] <= 1.0 and r["same"] == (r["score"] >= r["threshold"])
     # files from an untrained client of the same config are refused by this run's server
     other = tmp_path / "other"
     spec = MF_SPEC if method == "minusface" else DF_SPEC
-    assert deploy.protect_main(["--config", spec, "--untrained", "--images", str(faces / "bob_1.png"),
-                                "--out", str(other), "--keep-names"]) == 0
-    assert deploy.verify_main(["--workdir", second, str(out / "alice_1.npz"), str(other / "bob_1.npz")]) == 2
+    assert cli_protect.main(["--config", spec, "--untrained", "--images", str(faces / "bob_1.png"),
+                             "--out", str(other), "--keep-names"]) == 0
+    assert cli_verify.main(["--workdir", second, str(out / "alice_1.npz"), str(other / "bob_1.npz")]) == 2
     assert "made by a different client" in capsys.readouterr().err
 
     if all(importlib.util.find_spec(m) for m in ("jax2onnx", "onnxruntime")):  # the deployed path, via ONNX
-        from ppfr_jax import export
         onnx_path = str(tmp_path / "client.onnx")
-        assert export.main(["--workdir", second, "--out", onnx_path]) == 0
-        assert deploy.protect_main(["--workdir", second, "--onnx", onnx_path, "--images", str(faces / "bob_1.png"),
-                                    "--out", str(tmp_path / "via_onnx"), "--keep-names"]) == 0
-        assert deploy.verify_main(["--workdir", second, str(out / "alice_1.npz"),
-                                   str(tmp_path / "via_onnx" / "bob_1.npz")]) == 0
+        assert cli_export.main(["--workdir", second, "--out", onnx_path]) == 0
+        assert cli_protect.main(["--workdir", second, "--onnx", onnx_path, "--images", str(faces / "bob_1.png"),
+                                 "--out", str(tmp_path / "via_onnx"), "--keep-names"]) == 0
+        assert cli_verify.main(["--workdir", second, str(out / "alice_1.npz"),
+                                str(tmp_path / "via_onnx" / "bob_1.npz")]) == 0

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from conftest import assert_summarised_close, golden_state_dict, load_golden, suggested_atol
-from ppfr_jax import config_lib, frequency, losses, methods, train
+from ppfr_jax import checkpoints, config_lib, frequency, losses, methods, tasks, train
+from ppfr_jax.methods import minusface as minusface_method
 from ppfr_jax.models import minusface
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,8 +40,8 @@ def _nchw(x):
 def test_generator_scale_is_a_reparametrisation():
     # g(x) = s * U(x / s): with U's first-layer kernels scaled by s and its last layer by 1/s, the
     # scaled generator computes exactly the reference's function (scale 1)
-    m1 = minusface.build_model("stage1", backbone="ir_tiny", generator_widths=(4, 8), embedding_size=8)
-    ms = minusface.build_model("stage1", backbone="ir_tiny", generator_widths=(4, 8), embedding_size=8,
+    m1 = minusface_method.build_model("stage1", backbone="ir_tiny", generator_widths=(4, 8), embedding_size=8)
+    ms = minusface_method.build_model("stage1", backbone="ir_tiny", generator_widths=(4, 8), embedding_size=8,
                                generator_scale=256.0)
     x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (1, 112, 112, 3)), jnp.float32)
     v = jax.jit(lambda r: m1.init(r, x, key=r))(jax.random.key(0))
@@ -57,7 +58,7 @@ def test_stage1_forward_matches_reference():
     # The whole reference MinusBackbone state_dict goes through our one import
     # (generator.backbone.* and recognizer.*), then the module's forward.
     g = load_golden("minusface_stage1")
-    model = minusface.build_model("stage1", backbone="ir18")
+    model = minusface_method.build_model("stage1", backbone="ir18")
     variables = minusface.import_torch_state_dict(golden_state_dict("minusface_stage1"),
                                                   minusface.init_variables(model))
     out = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, _nhwc(g["x"]))
@@ -80,7 +81,7 @@ def test_objective_matches_reference_losses():
         np.testing.assert_allclose(float(out[k]), lg[k], rtol=0, atol=max(suggested_atol("losses", k), 1e-7),
                                    err_msg=k)
     # stage 2 trains the recogniser only: the reference zeroes gen and spar
-    w2 = minusface.MinusFaceStage2.objective_weights(minusface_config.get_config("stage2,tiny"))
+    w2 = minusface_method.MinusFaceStage2.objective_weights(minusface_config.get_config("stage2,tiny"))
     assert w2 == {"gen": 0.0, "fr": 1.0, "spar": 0.0}
     toy = methods.make_task(minusface_config.get_config("toy,tiny"), 10)
     t = toy.objective(x, x_enc, latent, logits, labels)
@@ -94,7 +95,7 @@ def test_objective_matches_reference_losses():
 
 def _zero_generator_stage2():
     """Stage-2 model whose generator outputs 0, so its residue is dct(x) itself."""
-    model = minusface.build_model("stage2", backbone="ir_tiny", embedding_size=32,
+    model = minusface_method.build_model("stage2", backbone="ir_tiny", embedding_size=32,
                                   generator_widths=minusface_config.TINY_WIDTHS)
     shapes = minusface.init_variables(model)
     gen = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes["params"]["generator"])
@@ -116,13 +117,13 @@ def test_protect_with_recorded_permutation_matches_reference():
 def test_permutations_follow_frequency_shuffle_decode():
     # our draw reproduces frequency.shuffle_decode's (same key -> same X_p); shapes checked without compute
     key = jax.random.key(3)
-    p = minusface.draw_permutations(key, 4, n_duplicate=2)
+    p = frequency.draw_permutations(key, 4, n_duplicate=2)
     assert p.shape == (2, 4, 192)
     for d, k in enumerate(jax.random.split(key, 2)):
         np.testing.assert_array_equal(np.asarray(p[d]), np.asarray(frequency.random_permutations(k, 4)))
     assert all(sorted(row) == list(range(192)) for row in np.asarray(p).reshape(-1, 192))
     with pytest.raises(ValueError, match="perms must be"):
-        minusface.shuffle_decode(jnp.zeros((2, 112, 112, 192)), perms=jnp.zeros((2, 3, 192), jnp.int32))
+        frequency.shuffle_decode(jnp.zeros((2, 112, 112, 192)), perms=jnp.zeros((2, 3, 192), jnp.int32))
 
 
 # ----------------------------------------------------------------------------- configs, tasks
@@ -143,7 +144,7 @@ def test_configs_and_tasks():
         minusface_config.get_config("stage1,stage2")
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="generator_scale must be a finite number > 0"):
-            minusface.build_model("stage1", backbone="ir_tiny", generator_widths=(4, 8), generator_scale=bad)
+            minusface_method.build_model("stage1", backbone="ir_tiny", generator_widths=(4, 8), generator_scale=bad)
 
     task = methods.make_task(minusface_config.get_config("stage1,tiny"), 10)
     shapes = jax.eval_shape(task.init, jax.random.key(0), jnp.zeros((2, 112, 112, 3), jnp.uint8),
@@ -175,12 +176,12 @@ def test_stage1_then_stage2_end_to_end(tmp_path):
     # stage 2 refuses to start without a stage-1 checkpoint, and says how to make one
     for wd in ("", str(tmp_path / "nothing_here")):
         c = minusface_config.get_config(f"stage2,tiny,stage1_workdir={wd}" if wd else "stage2,tiny")
-        with pytest.raises(minusface.Stage1CheckpointNotFound, match=r"configs/minusface\.py:stage1,tiny"):
+        with pytest.raises(minusface_method.Stage1CheckpointNotFound, match=r"configs/minusface\.py:stage1,tiny"):
             train.train_and_evaluate(c, str(tmp_path / "refused"))
 
     r1 = train.train_and_evaluate(minusface_config.get_config("stage1,tiny"), s1)
     assert r1["steps"] == 2 and os.path.exists(os.path.join(s1, "results.json"))
-    v1, step1 = minusface.restore_variables(s1)
+    v1, step1 = checkpoints.restore_variables(s1)
     assert step1 == 2
 
     # the frozen generator computes scale * U(x / scale): stage 2 must use stage 1's scale
@@ -193,24 +194,26 @@ def test_stage1_then_stage2_end_to_end(tmp_path):
     r2 = train.train_and_evaluate(c2, s2)
     res = json.load(open(os.path.join(s2, "results.json")))
     assert r2["steps"] == 2 and res["task"] == "minusface_stage2"
-    v2, _ = minusface.restore_variables(s2)
+    v2, _ = checkpoints.restore_variables(s2)
     # the frozen generator is bit-for-bit stage 1's; the new recogniser takes 3-channel X_p
     jax.tree.map(np.testing.assert_array_equal, v2["params"]["generator"], v1["params"]["generator"])
     assert v2["params"]["recognizer"]["input_layer_0"]["kernel"].shape[2] == 3
 
-    # deployment split: the client holds only g, the server only f_p
+    # deployment split (the contract, methods.METHODS): the client holds only g, the server only f_p
     task = methods.make_task(c2, 10)
-    client = {"params": {"generator": v2["params"]["generator"]}}
-    server = {"params": {"recognizer": v2["params"]["recognizer"]},
-              "batch_stats": {"recognizer": v2["batch_stats"]["recognizer"]}}
+    split = task.split
+    assert isinstance(split, methods.METHODS["minusface"])
+    client, server = split.split_variables(v2)
+    assert set(client["params"]) == {"generator"} and set(server["params"]) == {"recognizer"}
     images = np.random.default_rng(0).integers(0, 256, (2, 112, 112, 3), dtype=np.uint8)
 
     both = {"params": {**client["params"], **server["params"]}, "batch_stats": server["batch_stats"]}
+    draw = lambda k: jnp.swapaxes(frequency.draw_permutations(k, 2, 1), 0, 1)  # noqa: E731  (B, 1, 192)
 
     @jax.jit
     def deploy(client, server, both, images, k1, k2):
-        a, b = task.protect(client, images, k1), task.protect(client, images, k2)
-        return a, b, task.recognize(server, a), task.embed(both, images)
+        a, b = split.client_fn(client, images, draw(k1)), split.client_fn(client, images, draw(k2))
+        return a["x_p"], b["x_p"], split.server_fn(server, a), task.embed(both, images)
 
     k1, k2 = jax.random.split(jax.random.key(7))
     xa, xb, emb, emb_eval = deploy(client, server, both, images, k1, k2)
@@ -235,8 +238,9 @@ def test_stage1_then_stage2_end_to_end(tmp_path):
     loss_fn = jax.jit(lambda b, k: task.loss(v2["params"], ms, b, k, train=False)[0])
     l1, l2 = float(loss_fn(batch, jax.random.key(1))), float(loss_fn(batch, jax.random.key(2)))
     assert l1 == l2
-    x_p = task.protect(client, images, perms=jnp.swapaxes(jnp.asarray(perms), 0, 1))
-    (logits, _) = task.head.apply({"params": v2["params"]["head"]}, task.recognize(both, x_p), batch["label"])
+    sent = task.split.client_fn(client, images, perms)
+    (logits, _) = task.head.apply({"params": v2["params"]["head"]}, task.split.server_fn(server, sent),
+                                  batch["label"])
     np.testing.assert_allclose(l1, float(losses.softmax_cross_entropy(logits, batch["label"])), rtol=1e-5)
     assert float(loss_fn(dict(batch, perms=perms[::-1].copy()), jax.random.key(1))) != l1
 
@@ -256,7 +260,7 @@ def test_toy_trains_end_to_end(tmp_path):
     r = train.train_and_evaluate(minusface_config.get_config("toy,tiny"), wd)
     res = json.load(open(os.path.join(wd, "results.json")))
     assert r["steps"] == 2 and res["task"] == "minusface_toy"
-    v, step = minusface.restore_variables(wd)
+    v, step = checkpoints.restore_variables(wd)
     assert step == 2
     assert v["params"]["generator"]["left_conv_1"]["conv_ReLU_0"]["kernel"].shape == (3, 3, 3, 4)  # RGB in
     assert v["params"]["recognizer"]["input_layer_0"]["kernel"].shape[2] == 3
@@ -264,5 +268,6 @@ def test_toy_trains_end_to_end(tmp_path):
     task = methods.make_task(minusface_config.get_config("toy,tiny"), 10)
     images = np.random.default_rng(0).integers(0, 256, (2, 112, 112, 3), dtype=np.uint8)
     client = {"params": {"generator": v["params"]["generator"]}}
-    r = jax.jit(task.protect)(client, images, jax.random.key(0))
+    r = jax.jit(lambda v, x: task.model.apply(v, tasks.normalise_images(x), method=minusface.MinusBackbone.protect))(
+        client, images)
     assert r.shape == (2, 112, 112, 3) and bool(jnp.isfinite(r).all())

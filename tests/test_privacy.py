@@ -122,10 +122,10 @@ def test_duetface_decoded_attacker_input():
 
 def test_minusface_fresh_key_changes_xp_fixed_theta_does_not(faces):
     config = privacy_config("tiny")
-    model, variables, source = privacy.load_minusface_generator(config, jax.random.key(0))
+    split, variables, source = privacy.load_minusface_generator(config, jax.random.key(0))
     assert source == "untrained"
-    fresh = privacy.minusface_view(model, variables)
-    fixed = privacy.minusface_view(model, variables, fixed_theta=privacy.fixed_theta(7))
+    fresh = privacy.minusface_view(split, variables)
+    fixed = privacy.minusface_view(split, variables, fixed_theta=privacy.fixed_theta(7))
     x = jnp.asarray(faces, jnp.float32) / 127.5 - 1.0
     f_fresh, f_fixed = jax.jit(fresh.apply), jax.jit(fixed.apply)
     k1, k2 = jax.random.key(1), jax.random.key(2)
@@ -140,12 +140,11 @@ def test_minusface_fresh_key_changes_xp_fixed_theta_does_not(faces):
     np.testing.assert_array_equal(np.asarray(q1), np.asarray(q2))  # one θ, whatever the key
     np.testing.assert_allclose(np.asarray(b1), np.asarray(q1) * 2 - 1, atol=1e-6)
     # ... and that θ is applied to every image: the same as shuffling each residue with it
-    from ppfr_jax.models import minusface
-    r = model.apply(variables, x, method=lambda m, x: m.residue(x)["x_residue_up"])
+    r = split.model.apply(variables, x, method=lambda m, x: m.residue(x)["x_residue_up"])
     theta = jnp.broadcast_to(jnp.asarray(privacy.fixed_theta(7)), (4, 192))
-    np.testing.assert_allclose(np.asarray(q1), np.asarray(minusface.shuffle_decode(r, perms=theta)), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(q1), np.asarray(frequency.shuffle_decode(r, perms=theta)), atol=1e-5)
     with pytest.raises(ValueError, match="permutation"):
-        privacy.minusface_view(model, variables, fixed_theta=np.arange(10))
+        privacy.minusface_view(split, variables, fixed_theta=np.arange(10))
 
 
 def test_minusface_generator_from_engine_checkpoint(tmp_path):

@@ -1,18 +1,36 @@
-"""The privacy-preserving methods and the task registry the engine builds from.
+"""The privacy-preserving methods, the task registry the engine builds from, and the client/server contract.
 
 ``make_task(config, num_classes)`` builds the training task ``config.task``
 names: ``arcface`` (``ppfr_jax.tasks``), ``duetface_client`` / ``duetface``
-(DuetFace), ``minusface_stage1`` / ``minusface_stage2`` / ``minusface_toy``
-(MinusFace). ``load_for_inference(workdir)`` rebuilds a trained run's task and
-variables for embedding, protecting and serving.
+(``methods/duetface.py``), ``minusface_stage1`` / ``minusface_stage2`` /
+``minusface_toy`` (``methods/minusface.py``). ``load_for_inference(workdir)``
+rebuilds a trained run's task and variables for embedding.
+
+The client/server contract: ``METHODS[name]`` is a class (``DuetFaceSplit``,
+``MinusFaceSplit``) built with ``.from_config(run_config)`` (or from the task's
+model: ``task.split``) whose instances have the same members for both methods:
+
+- ``method``, ``tasks`` (the deployable ``config.task`` names), ``input_names``
+  (``('images', <extra>)``), ``output_names`` (what is transmitted);
+- ``input_specs(batch)``: [images (B, 112, 112, 3) float32 in [-1, 1], extra];
+- ``split_variables(variables) -> (client_vars, server_vars)`` (each half alone:
+  ``client_variables`` / ``server_variables``), from the engine's layout (a
+  checkpoint, or ``init_variables(key)``); raises ``contract.MissingVariables``
+  naming the missing sub-tree;
+- ``client_fn(client_vars, images, extra) -> {output name: (B, ...)}``, what is
+  transmitted; ``server_fn(server_vars, transmitted) -> (B, E)`` embeddings
+  (not normalised). Both pure, jit- and export-able; each reads only its half;
+- ``describe()``: method-specific facts a deployed client records.
 """
 from __future__ import annotations
 
 import jax
 
 from ppfr_jax import checkpoints, tasks
-from ppfr_jax.models import duetface as _duetface  # noqa: F401  (registers duetface_client, duetface)
-from ppfr_jax.models import minusface as _minusface  # noqa: F401  (registers minusface_*)
+from ppfr_jax.methods import duetface, minusface
+
+METHODS = {"duetface": duetface.DuetFaceSplit, "minusface": minusface.MinusFaceSplit}
+TASK_METHOD = {task: name for name, split in METHODS.items() for task in split.tasks}
 
 
 def make_task(config, num_classes: int, padded_classes: int | None = None) -> tasks.RecognitionTask:
