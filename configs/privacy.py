@@ -1,4 +1,4 @@
-"""Privacy evaluation (``ppfr_jax/privacy.py``): visual metrics and a white-box recovery attack per method.
+"""Privacy evaluation (``ppfr_jax/privacy/``): visual metrics and a white-box recovery attack per method.
 
 Rows: no protection, DuetFace (the server's view), MinusFace ``X_p`` (fresh
 shuffle per image), MinusFace with one fixed shuffle θ (attacker evaluated on
@@ -10,7 +10,7 @@ Paper setting (default): full-scale U-Net (64-128-256-512-1024), Adam 1e-4,
 batch 32, 20k steps per attacker, on your training set (``--config.data.*``
 as in the training configs), LFW DevTest or any ``.bin`` as held-out set::
 
-    python -m ppfr_jax.privacy --config configs/privacy.py:duetface_workdir=runs/duetface_server_ir50,\\
+    ppfr-privacy --config configs/privacy.py:duetface_workdir=runs/duetface_server_ir50,\\
     minusface_workdir=runs/minusface_s1_ir50,recognizer=/ckpt/068.ckpt --workdir runs/privacy_ir50 \\
         --config.data.source=tfrecord --config.data.path=/data/ms1m --config.data.index=/data/ms1m.txt
 
@@ -25,7 +25,7 @@ identities, evaluated on the 1,549 DevTest faces), a small U-Net
 row whose run is missing is skipped with the command that makes it). With
 the CASIA MobileFaceNet of ``../shared/data/models`` as recogniser::
 
-    python -m ppfr_jax.privacy --workdir runs/privacy_demo --config \\
+    ppfr-privacy --workdir runs/privacy_demo --config \\
         configs/privacy.py:demo,recognizer=../shared/data/models/mobilefacenet_casia_xiaoccer/068.ckpt
 
 (``full``: the paper's full-scale U-Net instead; slow on a CPU.) ``tiny``:

@@ -171,14 +171,14 @@ def test_minusface_generator_from_engine_checkpoint(tmp_path):
 
 def test_rows_without_checkpoints_are_skipped_with_the_command(tmp_path):
     config = privacy_config(f"demo,duetface_workdir={tmp_path}/none,minusface_workdir={tmp_path}/none")
-    reps, skipped = privacy._representations(config, jax.random.key(0), log=lambda m: None)
+    reps, skipped = privacy.suite._representations(config, jax.random.key(0), log=lambda m: None)
     assert [r.name for r, _ in reps] == ["raw"]
     assert sorted(skipped) == ["duetface", "minusface", "minusface_fixed_theta"]
     assert "configs/duetface.py:server,demo" in skipped["duetface"]
     assert "configs/minusface.py:stage1,demo" in skipped["minusface"]
     assert "minusface_fixed_theta" in skipped["minusface_fixed_theta"] and "no checkpoint" in skipped["minusface"]
     with pytest.raises(ValueError, match="unknown row"):
-        privacy._representations(privacy_config("tiny,rows=raw+rgb"), jax.random.key(0), log=print)
+        privacy.suite._representations(privacy_config("tiny,rows=raw+rgb"), jax.random.key(0), log=print)
 
 
 def test_balanced_pair_subset():
@@ -251,6 +251,7 @@ def test_real_mobilefacenet_scores_faces_not_blanks(shared_dir):
     assert blank["accuracy"] <= 0.6, blank
 
 
-def test_cli_needs_a_workdir():
-    with pytest.raises(SystemExit, match="--workdir"):
-        privacy.main(["--config", str(ROOT / "configs" / "privacy.py") + ":tiny"])
+def test_cli_needs_a_workdir(capsys):
+    from ppfr_jax.cli import privacy as privacy_cli
+    assert privacy_cli.main(["--config", str(ROOT / "configs" / "privacy.py") + ":tiny"]) == 2
+    assert capsys.readouterr().err.startswith("ppfr-privacy: error: --config and --workdir are required")
