@@ -54,7 +54,7 @@ def stage1_views(task, variables, images, key, batch_size: int = 50):
 
     @jax.jit
     def views(x, k):
-        xn = tasks.normalise_images(x)
+        xn = tasks.normalize_images(x)
         res = task.model.apply(gen, xn, method=minusface.MinusBackbone.residue)
         k1, k2 = jax.random.split(k)
         r = res["x_residue_up"]

@@ -43,7 +43,7 @@ def build_backbone(name: str, embedding_size: int = 512, dropout: float = 0.4, d
     return models.get_model(name, "recognizer", embedding_size=embedding_size, dropout=dropout, dtype=dtype)
 
 
-def normalise_images(images):
+def normalize_images(images):
     """uint8 [0, 255] -> float32 [-1, 1]; float input is taken as already normalised."""
     if images.dtype == jnp.uint8:
         return images.astype(jnp.float32) / 127.5 - 1.0
@@ -69,7 +69,7 @@ class RecognitionTask:
     def model_input(self, images, rng=None):
         """What the backbone sees: (B, 112, 112, 3) normalised RGB in [-1, 1], or its (B, 112, 112, 192) DCT
         channels (``config.model.input == 'dct'``). ``images``: uint8 (B, 112, 112, 3) or float in [-1, 1]."""
-        x = normalise_images(images)
+        x = normalize_images(images)
         if self.config.model.input == "dct":
             x = frequency.dct_transform(x)
         return x.astype(self.dtype)

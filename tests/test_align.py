@@ -108,7 +108,7 @@ def test_align_face_puts_landmarks_on_template():
         assert 0 <= sx < 250 and 0 <= sy < 250
 
 
-def test_normalised_points_flip_is_one_minus_x():
+def test_normalized_points_flip_is_one_minus_x():
     w, h = 112, 112
     cols = np.array([0.0, 10.0, 111.0])
     pts = np.stack([cols, np.zeros(3)], 1)

@@ -145,7 +145,7 @@ def test_hosts_split_the_global_batch(records):
 # ----------------------------------------------------------------------------- decoding, flip, landmarks
 
 
-def test_normalisation_flip_and_landmarks(records, folder):
+def test_normalization_flip_and_landmarks(records, folder):
     src = sources.tface_source(records["index"])
     raw = _take(_it(src, seed=7, flip=False, with_landmarks=True, output_dtype="uint8"), 3)
     flo = _take(_it(src, seed=7, flip=False, with_landmarks=True), 3)

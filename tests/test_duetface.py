@@ -261,7 +261,7 @@ def test_deployment_split_sends_only_server_channels_and_masks(two_stage):
     assert set(client_vars["params"]) == {"client_model", "attention_0", "attention_1", "attention_2",
                                           "attention_3"}
     assert set(server_vars["params"]) == {"server_model"}
-    r = task.roi_mask(variables, tasks.normalise_images(images), None, task.eval_roi_source)
+    r = task.roi_mask(variables, tasks.normalize_images(images), None, task.eval_roi_source)
     sent = jax.jit(split.client_fn)(client_vars, images, r)
     assert set(sent) == set(split.output_names)
     xs, xc = duetface_method.split_input(images)

@@ -37,7 +37,7 @@ def test_golden_parity():
     np.testing.assert_allclose(r["dist"], g["dist"], rtol=0, atol=suggested_atol("verification", "dist"))
 
 
-def test_golden_parity_after_renormalising():
+def test_golden_parity_after_renormalizing():
     # verify() normalises by default; re-normalising unit vectors moves distances by ~1e-7,
     # far below the 1.24e-5 margin, so the discrete results are unchanged.
     g = load_golden("verification")

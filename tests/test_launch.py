@@ -296,7 +296,7 @@ jax.distributed.shutdown()
 """
 
 
-def test_slurm_task_wrapper_initialises_jax_distributed(tmp_path):
+def test_slurm_task_wrapper_initializes_jax_distributed(tmp_path):
     """Two local 'nodes': the srun task wrapper + sharding.maybe_initialize_distributed form one job.
 
     SLURM's own per-task variables are set as srun would (incl. SLURM_LOCALID, which without

@@ -268,6 +268,6 @@ def test_toy_trains_end_to_end(tmp_path):
     task = methods.make_task(minusface_config.get_config("toy,tiny"), 10)
     images = np.random.default_rng(0).integers(0, 256, (2, 112, 112, 3), dtype=np.uint8)
     client = {"params": {"generator": v["params"]["generator"]}}
-    r = jax.jit(lambda v, x: task.model.apply(v, tasks.normalise_images(x), method=minusface.MinusBackbone.protect))(
+    r = jax.jit(lambda v, x: task.model.apply(v, tasks.normalize_images(x), method=minusface.MinusBackbone.protect))(
         client, images)
     assert r.shape == (2, 112, 112, 3) and bool(jnp.isfinite(r).all())

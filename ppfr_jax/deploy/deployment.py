@@ -92,8 +92,8 @@ def check_images(images) -> np.ndarray:
     return images
 
 
-def normalise_images(images) -> np.ndarray:
-    """uint8 [0, 255] -> float32 [-1, 1] (``tasks.normalise_images`` on the host); float is taken as normalised."""
+def normalize_images(images) -> np.ndarray:
+    """uint8 [0, 255] -> float32 [-1, 1] (``tasks.normalize_images`` on the host); float is taken as normalised."""
     images = np.asarray(images)
     if images.dtype == np.uint8:
         return images.astype(np.float32) / 127.5 - 1.0
@@ -156,7 +156,7 @@ class RoiInput(ClientInput):
         b = len(images)
         if self.roi_source == "template":
             return np.broadcast_to(roi.template_mask(), (b, IMAGE_SIZE, IMAGE_SIZE)).astype(np.float32)
-        return np.asarray(self._pfld_roi(self.pfld_variables, normalise_images(images)))
+        return np.asarray(self._pfld_roi(self.pfld_variables, normalize_images(images)))
 
     @functools.cached_property
     def _pfld_roi(self):
@@ -311,7 +311,7 @@ class Deployment:
         ``extra`` (ROI / permutations) defaults to :meth:`client_extra` (fresh
         permutations for MinusFace).
         """
-        images = normalise_images(check_images(images))
+        images = normalize_images(check_images(images))
         if extra is None:
             extra = self.client_extra(images, rng)
         else:

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from ppfr_jax.deploy.deployment import IMAGE_SIZE, DeployError, Deployment, check_images, normalise_images
+from ppfr_jax.deploy.deployment import IMAGE_SIZE, DeployError, Deployment, check_images, normalize_images
 from ppfr_jax.errors import PpfrError
 
 TOLERANCE = 1e-4
@@ -104,7 +104,7 @@ class OnnxClient:
                                              f"has {want!r}; export this run's client with ppfr-export")
 
     def run(self, images: np.ndarray, extra: np.ndarray) -> dict[str, np.ndarray]:
-        images = normalise_images(check_images(images))
+        images = normalize_images(check_images(images))
         extra = np.asarray(extra, self._extra_dtype)
         outs = self.session.run(None, dict(zip(self.input_names, (images, extra))))
         return dict(zip(self.output_names, outs))

@@ -56,7 +56,7 @@ def build_model(backbone: str = "ir18", client_backbone: str = "mobilefacenet", 
 
 def split_input(images, sub_channels=frequency.SUB_CHS, dtype=jnp.float32):
     """uint8 / [-1, 1] RGB (N, 112, 112, 3) -> (server (N,112,112,162), client (N,112,112,30)) DCT channels."""
-    x = tasks.normalise_images(images)
+    x = tasks.normalize_images(images)
     server, client = frequency.split_channels(frequency.dct_transform(x), sub_channels)
     return server.astype(dtype), client.astype(dtype)
 
@@ -208,7 +208,7 @@ class DuetFaceTask(tasks.RecognitionTask):
     # -- task interface --------------------------------------------------------------------------
     def init(self, rng, images, labels):
         r_m, r_h = jax.random.split(rng)
-        x = tasks.normalise_images(images)
+        x = tasks.normalize_images(images)
         x_server, x_client = split_input(x, self.sub_channels, self.dtype)
         r = jnp.broadcast_to(jnp.asarray(roi.template_mask()), (x.shape[0], 112, 112))
         v = self.model.init({"params": r_m, "dropout": r_m}, x_server, x_client, r, train=False)
@@ -226,7 +226,7 @@ class DuetFaceTask(tasks.RecognitionTask):
     def features(self, params, model_state, images, rng, train, landmarks=None, given_roi=None):
         """``RecognitionTask.features``; ``given_roi`` (B, 112, 112[, 1]) in [0, 1] is the ROI itself
         (used instead of ``roi_source``'s, which is then not computed)."""
-        x = tasks.normalise_images(images)
+        x = tasks.normalize_images(images)
         x_server, x_client = split_input(x, self.sub_channels, self.dtype)
         if given_roi is None:
             r = self.roi_mask(model_state, x, landmarks)
@@ -249,7 +249,7 @@ class DuetFaceTask(tasks.RecognitionTask):
                              batch.get("roi"))
 
     def embed(self, variables, images):
-        x = tasks.normalise_images(images)
+        x = tasks.normalize_images(images)
         x_server, x_client = split_input(x, self.sub_channels, self.dtype)
         r = self.roi_mask(variables, x, None, self.eval_roi_source)
         return self.model.apply(self._model_variables(variables["params"], variables), x_server, x_client, r,

@@ -117,7 +117,7 @@ class MinusFaceTask(tasks.RecognitionTask):
         # deterministic in ``rng``; only the initial values differ from a threefry init.
         rng = jax.random.key(jax.random.bits(rng, (), jnp.uint32), impl="rbg")
         r_m, r_h, r_k = jax.random.split(rng, 3)
-        x = tasks.normalise_images(images)
+        x = tasks.normalize_images(images)
         out, mv = self.model.init_with_output({"params": r_m, "dropout": r_m}, x, train=False, key=r_k)
         hd = self.head.init({"params": r_h, "sample": r_h}, out["x_feature"].astype(jnp.float32), labels)
         params = {"generator": mv["params"]["generator"], "recognizer": mv["params"]["recognizer"],
@@ -139,7 +139,7 @@ class MinusFaceTask(tasks.RecognitionTask):
 
     def loss(self, params, model_state, batch, rng, train=True):
         r_d, r_h, r_s = jax.random.split(rng, 3)
-        x = tasks.normalise_images(batch["image"])
+        x = tasks.normalize_images(batch["image"])
         if self.mode == "stage2":
             # belt and braces next to the 'frozen' optimiser group: no gradient is even computed for g
             params = {**params, "generator": jax.lax.stop_gradient(params["generator"])}
@@ -173,7 +173,7 @@ class MinusFaceTask(tasks.RecognitionTask):
         fixed positions, so pair distances then carry the permutation pattern and
         the 10-fold accuracy of a weak recogniser can land well below chance.)
         """
-        x = tasks.normalise_images(images)
+        x = tasks.normalize_images(images)
         ids = jnp.sum(jnp.round((x + 1.0) * 127.5), axis=(1, 2, 3)).astype(jnp.uint32)
         base = jax.random.key(self.eval_key_seed)
         n_dup = self.model.n_duplicate
@@ -187,7 +187,7 @@ class MinusFaceTask(tasks.RecognitionTask):
         """
         perms = self.eval_permutations(images) if self.mode == "stage2" else None
         gv = {"params": {"generator": variables["params"]["generator"]}}
-        x_p = self.model.apply(gv, tasks.normalise_images(images), perms=perms, method=MinusBackbone.protect)
+        x_p = self.model.apply(gv, tasks.normalize_images(images), perms=perms, method=MinusBackbone.protect)
         rv = {"params": {"recognizer": variables["params"]["recognizer"]}}
         if "batch_stats" in variables:
             rv["batch_stats"] = {"recognizer": variables["batch_stats"]["recognizer"]}
@@ -322,7 +322,7 @@ class MinusFaceSplit:
     def client_fn(self, client_vars, images, extra) -> dict:
         """images (B, 112, 112, 3) uint8 / float [-1, 1] + permutations (B, n_duplicate, 192) -> {'x_p'}."""
         perms = jnp.swapaxes(jnp.asarray(extra, jnp.int32), 0, 1)  # -> (n_duplicate, B, 192)
-        x_p = self.model.apply(client_vars, tasks.normalise_images(images), perms=perms,
+        x_p = self.model.apply(client_vars, tasks.normalize_images(images), perms=perms,
                                method=MinusBackbone.protect)
         return {"x_p": x_p}
 

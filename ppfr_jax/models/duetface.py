@@ -62,7 +62,7 @@ def resize_bilinear(x: jax.Array, size: int, align_corners: bool) -> jax.Array:
     return jnp.einsum("ih,nhwc,jw->nijc", mh, x, mw, precision=_HIGHEST)
 
 
-def minmax_normalise(m: jax.Array, eps: float = 1e-12) -> jax.Array:
+def minmax_normalize(m: jax.Array, eps: float = 1e-12) -> jax.Array:
     """Per-sample (m - min) / (max - min) over all but the batch axis; a constant map gives 0."""
     axes = tuple(range(1, m.ndim))
     lo = jnp.min(m, axis=axes, keepdims=True)
@@ -97,12 +97,12 @@ class AttentionMask(nn.Module):
         # mean_c(conv(x)) == conv with the mean kernel; resize commutes with it (rows sum to 1)
         m = jnp.einsum("nhwc,c->nhw", x, jnp.mean(kernel[0, 0], axis=-1), precision=_HIGHEST) + jnp.mean(bias)
         m = resize_bilinear(m[..., None], self.size, align_corners=False)
-        m = minmax_normalise(m)
+        m = minmax_normalize(m)
         if roi_mask is not None:
             if roi_mask.ndim == 4:
                 roi_mask = roi_mask[..., 0]
             r = resize_bilinear(jnp.asarray(roi_mask, jnp.float32)[..., None], self.size, align_corners=True)
-            m = minmax_normalise(m * r)
+            m = minmax_normalize(m * r)
         return m
 
 

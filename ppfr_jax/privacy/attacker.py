@@ -75,7 +75,7 @@ def train_attacker(rep: Representation, batches: Iterator[dict], config, rng, *,
     @jax.jit
     def prepare(key, rep_vars, images, rep_key):
         # input standardisation from the first batch (DCT channels span ~1e-2 .. 1e3), and the init
-        inputs, _ = rep.apply(rep_vars, tasks.normalise_images(images), rep_key)
+        inputs, _ = rep.apply(rep_vars, tasks.normalize_images(images), rep_key)
         mean = jnp.mean(inputs, axis=(0, 1, 2))
         std = jnp.maximum(jnp.std(inputs, axis=(0, 1, 2)), 1e-6)
         params = model.init(init_key(key), inputs[:1])["params"]
@@ -94,7 +94,7 @@ def train_attacker(rep: Representation, batches: Iterator[dict], config, rng, *,
     attacker = Attacker(model, params, mean, std)
 
     def step(params, opt_state, mean, std, rep_vars, images, key):
-        x = tasks.normalise_images(images)
+        x = tasks.normalize_images(images)
         inputs, _ = rep.apply(rep_vars, x, key)
         inputs = jax.lax.stop_gradient(inputs)
 
@@ -191,7 +191,7 @@ def run_attack(rep: Representation, attacker: Attacker, eval_set: EvalSet, key, 
 
     @jax.jit
     def fn(params, mean, std, rep_vars, images, k):
-        x = tasks.normalise_images(images)
+        x = tasks.normalize_images(images)
         face = x * 0.5 + 0.5
         inputs, protected = rep.apply(rep_vars, x, k)
         recovered = jnp.clip(attacker.recover(params, mean, std, inputs) * 0.5 + 0.5, 0.0, 1.0)

@@ -1,6 +1,6 @@
 """Visual metrics of the privacy evaluation: SSIM / PSNR of an image against the face, in [0, 1].
 
-Images enter as uint8 or float in [-1, 1] (``tasks.normalise_images``) and are mapped to
+Images enter as uint8 or float in [-1, 1] (``tasks.normalize_images``) and are mapped to
 [0, 1] (:func:`to_unit`); ``dm_pix.ssim`` (11x11 Gaussian window, sigma 1.5, averaged over pixels
 and colour channels) and ``dm_pix.psnr`` with ``max_val=1``. PSNR is capped at ``PSNR_CAP`` = 100 dB
 (MSE 1e-10) so identical images give 100, not inf, and means and JSON stay finite.
@@ -19,7 +19,7 @@ PSNR_CAP = 100.0
 
 def to_unit(images) -> jax.Array:
     """uint8 [0, 255] or float [-1, 1] (N, H, W, C) -> float32 [0, 1]."""
-    return tasks.normalise_images(jnp.asarray(images)) * 0.5 + 0.5
+    return tasks.normalize_images(jnp.asarray(images)) * 0.5 + 0.5
 
 
 def visual_metrics(protected, face, *, psnr_cap: float = PSNR_CAP) -> dict[str, jax.Array]:
