@@ -45,10 +45,6 @@ TEMPLATES: dict[str, tuple[np.ndarray, tuple[int, int]]] = {
     "sphereface": (SPHEREFACE_96x112, (112, 96)),
 }
 
-# WFLW 98-point indices of the five alignment points (eye centres, nose tip, mouth corners).
-WFLW98_TO_5 = (96, 97, 54, 76, 82)
-
-
 def template(name: str) -> tuple[np.ndarray, tuple[int, int]]:
     """-> (points (5, 2) float64 pixel coords, output size (H, W)) of a named template."""
     try:

@@ -35,6 +35,7 @@ from ppfr_jax.errors import PpfrError
 from ppfr_jax.methods import duetface
 from ppfr_jax.methods.contract import MissingVariables
 from ppfr_jax.models import pfld
+from ppfr_jax.models.layers import rbg_init_key
 
 METHOD_NAMES = tuple(methods.METHODS)
 IMAGE_SIZE = 112
@@ -119,11 +120,6 @@ def _check_shapes(got, want, what: str):
     if not same:
         raise DeployError(f"{what}: the checkpoint's variables do not match the model its config describes "
                           f"(different backbone / widths / embedding size?)")
-
-
-def _rbg_key(seed: int):
-    # one RngBitGenerator per draw: compiles in seconds on CPU where threefry takes minutes
-    return jax.random.key(seed, impl="rbg")
 
 
 # ----------------------------------------------------------------------------- the client's non-image input
@@ -367,13 +363,13 @@ def load_deployment(workdir: str | None = None, *, config: ml_collections.Config
     split = methods.METHODS[name].from_config(config)
     trained = variables is not None
     if not trained:
-        variables = jax.tree.map(np.asarray, jax.jit(split.init_variables)(_rbg_key(seed)))
+        variables = jax.tree.map(np.asarray, jax.jit(split.init_variables)(rbg_init_key(seed)))
     try:
         client, server = split.split_variables(variables)
     except MissingVariables as e:
         raise DeployError(f"{source}: the checkpoint has no {e.path!r}; is it a finished run of this task?") from None
     if trained:
-        _check_shapes((client, server), split.split_variables(jax.eval_shape(split.init_variables, _rbg_key(0))),
+        _check_shapes((client, server), split.split_variables(jax.eval_shape(split.init_variables, rbg_init_key(0))),
                       source)
     return Deployment(name, task, config, split, client, server, source, step, client_input)
 

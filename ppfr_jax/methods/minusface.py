@@ -32,6 +32,7 @@ from ppfr_jax import checkpoints, frequency, losses, tasks
 from ppfr_jax.errors import PpfrError
 from ppfr_jax.methods.contract import take
 from ppfr_jax.models import unet
+from ppfr_jax.models.layers import rbg_init_key
 from ppfr_jax.models import minusface as minusface_model
 from ppfr_jax.models.minusface import MinusBackbone
 
@@ -111,11 +112,7 @@ class MinusFaceTask(tasks.RecognitionTask):
         return v
 
     def init(self, rng, images, labels):
-        # XLA:CPU compiles each partitionable-threefry draw slowly (~3 s per kernel
-        # shape here, ~2 min for the ~70 leaves of U-Net + IR); the RBG generator
-        # (one RngBitGenerator op per draw) compiles in seconds. Same distributions,
-        # deterministic in ``rng``; only the initial values differ from a threefry init.
-        rng = jax.random.key(jax.random.bits(rng, (), jnp.uint32), impl="rbg")
+        rng = rbg_init_key(rng)  # compiles in seconds on CPU where threefry takes minutes
         r_m, r_h, r_k = jax.random.split(rng, 3)
         x = tasks.normalize_images(images)
         out, mv = self.model.init_with_output({"params": r_m, "dropout": r_m}, x, train=False, key=r_k)

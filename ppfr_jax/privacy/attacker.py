@@ -19,7 +19,8 @@ import numpy as np
 
 from ppfr_jax import tasks
 from ppfr_jax.privacy.metrics import visual_metrics
-from ppfr_jax.privacy.views import Representation, init_key
+from ppfr_jax.models.layers import rbg_init_key
+from ppfr_jax.privacy.views import Representation
 
 
 @dataclasses.dataclass
@@ -78,7 +79,7 @@ def train_attacker(rep: Representation, batches: Iterator[dict], config, rng, *,
         inputs, _ = rep.apply(rep_vars, tasks.normalize_images(images), rep_key)
         mean = jnp.mean(inputs, axis=(0, 1, 2))
         std = jnp.maximum(jnp.std(inputs, axis=(0, 1, 2)), 1e-6)
-        params = model.init(init_key(key), inputs[:1])["params"]
+        params = model.init(rbg_init_key(key), inputs[:1])["params"]
         # the output conv starts at zero (the attacker first predicts grey): with heavy-tailed inputs
         # (DCT channels: kurtosis ~16) a fan-in init starts at L1 ~5 and the first steps kill ReLUs
         last = f"right_conv_{len(model.widths)}"

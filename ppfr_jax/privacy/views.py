@@ -21,6 +21,7 @@ from ppfr_jax import checkpoints, frequency, roi
 from ppfr_jax.methods import duetface, minusface
 from ppfr_jax.methods.contract import MissingVariables
 from ppfr_jax.models.duetface import DuetFaceModel, resize_bilinear
+from ppfr_jax.models.layers import rbg_init_key
 
 ROWS = ("raw", "duetface", "minusface", "minusface_fixed_theta")
 FIXED_SAME = "minusface_fixed_theta/same_theta"
@@ -145,16 +146,6 @@ def _run_config(workdir: str) -> dict:
         return {}
 
 
-def init_key(rng):
-    """An RBG key from ``rng``, for parameter init.
-
-    XLA:CPU compiles each shape of threefry draw slowly (a U-Net's init takes
-    over a minute to compile); RngBitGenerator compiles in seconds. Same
-    distributions, deterministic in ``rng`` (as ``MinusFaceTask.init``).
-    """
-    return jax.random.key(jax.random.bits(rng, (), jnp.uint32), impl="rbg")
-
-
 def _shapes(tree):
     return jax.tree.map(lambda a: tuple(a.shape), tree)
 
@@ -203,7 +194,7 @@ def load_duetface(config, rng) -> Representation:
                                    "--workdir runs/duetface_server_demo"
     restored = _restore_run(config, "duetface", "duetface_workdir", checkpoints.restore_variables, how)
     if restored is None:
-        variables = jax.jit(lambda k, *a: init(init_key(k), *a))(rng, jnp.zeros(x_client.shape), jnp.zeros(r.shape))
+        variables = jax.jit(lambda k, *a: init(rbg_init_key(k), *a))(rng, jnp.zeros(x_client.shape), jnp.zeros(r.shape))
         source = "untrained"
     else:
         ckpt, step = restored
@@ -240,7 +231,7 @@ def load_minusface_generator(config, rng):
                                     "--workdir runs/minusface_stage1_demo"
     restored = _restore_run(config, "minusface", "minusface_workdir", checkpoints.restore_variables, how)
     if restored is None:
-        params = jax.jit(lambda k, x: gen.init(init_key(k), x))(rng, jnp.zeros(x.shape))["params"]
+        params = jax.jit(lambda k, x: gen.init(rbg_init_key(k), x))(rng, jnp.zeros(x.shape))["params"]
         source = "untrained"
     else:
         ckpt, step = restored
