@@ -8,6 +8,7 @@ hand labels, so the bounds below are for agreement between two detectors.
 Measured figures and their spread over 300 faces: bench/RESULTS.md, "Raw photos".
 """
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from ppfr_jax.cli import align as align_cli  # noqa: E402
 from ppfr_jax.data import detect  # noqa: E402
 from ppfr_jax.errors import PpfrError  # noqa: E402
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 N_FACES = 30  # the faces of ``python3 bench/detect.py --n 30``: rows evenly spaced over the sorted table
 
 
@@ -169,3 +171,26 @@ def test_cli_raw_photos(lfw, table, tmp_path, capsys):
     ref, _, _ = detect.detect_and_align(image_io.decode_rgb(str(src / "Ann" / "Ann_0001.jpg")))
     got = image_io.decode_rgb(str(out / "Ann" / "Ann_0001.jpg"))
     assert np.abs(got.astype(int) - ref.astype(int)).mean() < 3.0
+
+
+def test_protect_takes_raw_photos(lfw, tmp_path, capsys):
+    """ppfr-protect on an unaligned 250x250 LFW photo: detected, aligned, protected; a face-less image is a clear
+    error naming it, or skipped and counted with --skip-bad."""
+    from ppfr_jax.cli import protect as protect_cli
+    from ppfr_jax.deploy import load_protected
+    src = tmp_path / "photos"
+    src.mkdir()
+    with Image.open(lfw / SMALL) as im:
+        assert im.size == (250, 250)
+        im.save(src / "a.jpg")
+    _grey(src / "b.png")
+    base = ["--config", str(ROOT / "configs" / "minusface.py") + ":stage2,tiny", "--untrained", "--keep-names"]
+    assert protect_cli.main(base + ["--images", str(src), "--out", str(tmp_path / "p1")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("ppfr-protect: error: ") and str(src / "b.png") in err and "--skip-bad" in err
+    assert protect_cli.main(base + ["--images", str(src), "--out", str(tmp_path / "p2"), "--skip-bad"]) == 0
+    out = capsys.readouterr().out
+    assert "1 protected file(s)" in out and "1 photo(s) detected and aligned" in out, out
+    assert "skipped 1 without a usable face" in out and "b.png" in out, out
+    tensors, _ = load_protected(str(tmp_path / "p2" / "a.npz"))
+    assert tensors["x_p"].shape[:2] == (112, 112) and not (tmp_path / "p2" / "b.npz").exists()

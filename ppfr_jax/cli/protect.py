@@ -1,4 +1,4 @@
-"""``ppfr-protect``: aligned 112x112 face images -> one protected ``.npz`` per image (+ X_p preview PNG).
+"""``ppfr-protect``: face photos -> one protected ``.npz`` per image (+ X_p preview PNG).
 
 Runs a run's client half (``deploy.Deployment.protect``, or an exported ONNX
 client with ``--onnx``) and writes what the client would send. Output names
@@ -6,8 +6,11 @@ are random (``<16 hex digits>.npz``): an image's file name is often the
 person's identity, and protected files are made to be sent; which image each
 came from goes to a manifest kept beside, never inside, ``--out``
 (``--keep-names`` names them ``<image stem>.npz`` instead). No existing file is
-ever overwritten. Every bad input is one line ``ppfr-protect: error: ...`` and
-exit status 2.
+ever overwritten. Photos that are not already aligned 112x112 faces (any size)
+are detected and aligned on the client first (``--align``: MTCNN, the largest
+face, ``ppfr_jax.data.detect``). Every bad input is one line
+``ppfr-protect: error: ...`` and exit status 2 (``--skip-bad``: photos without a
+face or that do not decode are skipped and counted instead).
 
 Examples::
 
@@ -24,6 +27,7 @@ import secrets
 import sys
 from typing import Sequence
 
+import numpy as np
 from PIL import Image
 
 from ppfr_jax import evaluate, image_io
@@ -144,9 +148,50 @@ def _prepare_out(out: str, manifest: str | None) -> None:
             raise DeployError(f"--manifest {manifest}: is a folder")
 
 
+def _faces(files: list[str], *, detect_all: bool, skip_bad: bool) -> tuple[list[str], np.ndarray, str]:
+    """Decode ``files``; detect and align the ones that are not aligned 112x112 faces (all with ``detect_all``).
+
+    Returns:
+      (the files kept, their faces uint8 (N, 112, 112, 3), a note for the summary line: faces detected,
+      photos with several faces (the largest was taken), skipped photos).
+    Raises:
+      DeployError naming the file: it does not decode or has no face (unless ``skip_bad``), or nothing is left.
+    """
+    kept, faces, detected, several, skipped = [], [], 0, [], []
+    for f in files:
+        try:
+            img = image_io.decode_rgb(f)
+            if img.shape[:2] == (IMAGE_SIZE, IMAGE_SIZE) and not detect_all:
+                face = img
+            else:
+                from ppfr_jax.data import detect  # TensorFlow (MTCNN) only when a photo needs it
+                face, _, n = detect.detect_and_align(img, "arcface", path=f)
+                detected += 1
+                if n > 1:
+                    several.append(f)
+        except (image_io.ImageDecodeError, ValueError) as e:  # NoFaceError is a ValueError; names the file
+            if not skip_bad:
+                raise DeployError(f"{e} (use --skip-bad to skip such photos)") from None
+            skipped.append(f)
+            continue
+        kept.append(f)
+        faces.append(face)
+    if not kept:
+        raise DeployError(f"no usable face in the {len(files)} image(s) given (skipped: {skipped[:3]}...)")
+    notes = ""
+    if detected:
+        notes += f"; {detected} photo(s) detected and aligned (MTCNN)"
+    if several:
+        notes += f", {len(several)} with several faces: the largest was taken (e.g. {several[0]})"
+    if skipped:
+        notes += f"; skipped {len(skipped)} without a usable face (e.g. {skipped[0]})"
+    return kept, np.stack(faces), notes
+
+
 def _protect(argv: Sequence[str] | None) -> int:
     p = argparse.ArgumentParser(prog="ppfr-protect", description=(
-        "Run the client half of a DuetFace / MinusFace run on aligned 112x112 faces (ppfr-align makes them) and "
+        "Run the client half of a DuetFace / MinusFace run on face photos (aligned 112x112 faces as they are, "
+        "other photos detected and aligned first) and "
         "write what the client would send: <out>/<random name>.npz (and <name>.xp.png for MinusFace). The "
         "image each file came from is recorded in a manifest beside --out (not inside it): keep that on the "
         "client. Existing files are never overwritten."))
@@ -165,15 +210,25 @@ def _protect(argv: Sequence[str] | None) -> int:
                                                 "instead of JAX; it must come from the same run")
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--no-preview", action="store_true", help="MinusFace: do not write the X_p PNG")
+    p.add_argument("--align", choices=("auto", "detect", "none"), default="auto",
+                   help="auto (default): 112x112 images are taken as aligned faces, any other size is a photo "
+                        "whose largest face is detected (MTCNN) and aligned; detect: detect in every image; "
+                        "none: every image must already be an aligned 112x112 face")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip (and count) photos without a face or that do not decode, instead of stopping")
     a = p.parse_args(argv)
     manifest = None if a.keep_names else (a.manifest or default_manifest(a.out))
     files = collect_images(a.images, keep_names=a.keep_names)
     _prepare_out(a.out, manifest)
-    try:
-        images, _, _ = evaluate.decode_images(files, size_hw=(IMAGE_SIZE, IMAGE_SIZE))
-    except evaluate.BadInputError as e:
-        raise DeployError(f"{e} (ppfr-protect takes faces already aligned to {IMAGE_SIZE}x{IMAGE_SIZE}; "
-                          f"align them with ppfr-align)") from None
+    if a.align == "none":
+        try:
+            images, _, _ = evaluate.decode_images(files, size_hw=(IMAGE_SIZE, IMAGE_SIZE))
+        except evaluate.BadInputError as e:
+            raise DeployError(f"{e} (--align none takes faces already aligned to {IMAGE_SIZE}x{IMAGE_SIZE}; "
+                              f"align them with ppfr-align, or leave --align at auto)") from None
+        notes = ""
+    else:
+        files, images, notes = _faces(files, detect_all=a.align == "detect", skip_bad=a.skip_bad)
     dep = deployment_from_args(a, a.method)
     preview = dep.client_input.preview if not a.no_preview else None
     taken: set[str] = set()
@@ -206,7 +261,7 @@ def _protect(argv: Sequence[str] | None) -> int:
     where = (f"; which image each came from: {manifest} (keep it on this machine: it names the people)"
              if manifest else "; named after the input images (--keep-names)")
     print(f"ppfr-protect: {len(files)} protected file(s) in {a.out} ({dep.method}, client {dep.client_fingerprint}, "
-          f"{'onnxruntime' if runner else 'jax'}; from {dep.source}){where}")
+          f"{'onnxruntime' if runner else 'jax'}; from {dep.source}){where}{notes}")
     return 0
 
 
