@@ -270,6 +270,7 @@ def test_stage_hook_modules_take_duetface_server_names():
     assert [float(v["params"][f"body_{i}"]["embedding_layer"]["weight"]) for i in (1, 3, 5, 7)] == [0.5] * 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stride,padding,kernel", [(1, 1, 3), (2, 1, 3), (1, 0, 7)])
 def test_depthwise_shifted_matches_grouped_conv(stride, padding, kernel):
     """The CPU depthwise path (shifted slices) equals XLA's grouped conv, values and grads."""

@@ -173,6 +173,7 @@ def test_split_channels_slices_match_the_gather():
         np.testing.assert_array_equal(merged, d)
 
 
+@pytest.mark.slow
 def test_batch_roi_replaces_the_computed_roi(monkeypatch):
     """batch['roi'] (the parity run's recorded mask) is the ROI the loss uses, in place of roi_source's."""
     c = duetface_config.get_config("server,tiny,client_workdir=unused,roi=dataset")

@@ -92,6 +92,7 @@ def test_fresh_permutations_are_valid_and_fresh():
         deploy.check_permutations(p, 4, 1)
 
 
+@pytest.mark.slow
 def test_minusface_fresh_key_changes_x_p_and_fixed_permutations_repeat(mf):
     img = np.asarray(Image.new("RGB", (112, 112), (90, 120, 200)))[None].repeat(2, 0)
     img[1] = np.random.default_rng(1).integers(0, 256, (112, 112, 3), dtype=np.uint8)
@@ -120,6 +121,7 @@ def test_minusface_deployment_uses_the_runs_generator_scale(mf):
 # ----------------------------------------------------------------------------- ONNX export
 
 
+@pytest.mark.slow
 def test_minusface_onnx_matches_jax_with_dynamic_batch(mf, mf_onnx, onnx_tools):
     path, report = mf_onnx
     assert set(report["check"]) == {"x_p@1", "x_p@3"}
@@ -140,6 +142,7 @@ def test_minusface_onnx_matches_jax_with_dynamic_batch(mf, mf_onnx, onnx_tools):
     assert np.abs(client.run(images, deploy.fresh_permutations(2))["x_p"] - got).max() > 0.05
 
 
+@pytest.mark.slow
 def test_duetface_onnx_matches_jax_with_dynamic_batch(df, onnx_tools, tmp_path):
     path = str(tmp_path / "duetface_client.onnx")
     report = onnx_tools.export_client(df, path, batch_sizes=(1, 3))

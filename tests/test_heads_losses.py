@@ -133,6 +133,7 @@ HEAD_SETTINGS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 @pytest.mark.parametrize("kind,kw", HEAD_SETTINGS)
 def test_margin_heads_finite_gradients_at_cos_plus_minus_one(kind, kw, sign):

@@ -37,6 +37,7 @@ def _nchw(x):
 # ----------------------------------------------------------------------------- golden parity
 
 
+@pytest.mark.slow
 def test_generator_scale_is_a_reparametrisation():
     # g(x) = s * U(x / s): with U's first-layer kernels scaled by s and its last layer by 1/s, the
     # scaled generator computes exactly the reference's function (scale 1)
@@ -169,6 +170,7 @@ def test_configs_and_tasks():
 # ----------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_stage1_then_stage2_end_to_end(tmp_path):
     s1 = str(tmp_path / "stage1")
     s2 = str(tmp_path / "stage2")
@@ -254,6 +256,7 @@ def test_stage1_then_stage2_end_to_end(tmp_path):
     assert os.path.getsize(rep["grid"]) > 1000
 
 
+@pytest.mark.slow
 def test_toy_trains_end_to_end(tmp_path):
     # toy mode: U-Net on RGB, recogniser on X - g(X); a real (tiny) run through the engine
     wd = str(tmp_path / "toy")

@@ -113,6 +113,7 @@ def test_conv_transpose_subpixel_gradients_match_lax():
 TINY = (4, 8, 16, 32, 64)
 
 
+@pytest.mark.slow
 def test_unet_default_init_is_torchs():
     # TFace's U-Net sets no init: PyTorch's default, U(+-1/sqrt(fan_in)) for weights and biases,
     # with fan_in = out * k * k for ConvTranspose2d (torch reads weight dim 1).

@@ -88,6 +88,7 @@ def test_to_unit_ranges():
 # ----------------------------------------------------------------------------- representations
 
 
+@pytest.mark.slow
 def test_duetface_view_has_server_channels_only(faces):
     config = privacy_config("tiny")
     rep = privacy.load_duetface(config, jax.random.key(0))
@@ -120,6 +121,7 @@ def test_duetface_decoded_attacker_input():
         privacy.load_duetface(config, jax.random.key(0))
 
 
+@pytest.mark.slow
 def test_minusface_fresh_key_changes_xp_fixed_theta_does_not(faces):
     config = privacy_config("tiny")
     split, variables, source = privacy.load_minusface_generator(config, jax.random.key(0))
@@ -147,6 +149,7 @@ def test_minusface_fresh_key_changes_xp_fixed_theta_does_not(faces):
         privacy.minusface_view(split, variables, fixed_theta=np.arange(10))
 
 
+@pytest.mark.slow
 def test_minusface_generator_from_engine_checkpoint(tmp_path):
     """A generator saved in the engine's layout (<workdir>/checkpoints/<step>/state) is found and checked."""
     import orbax.checkpoint as ocp
@@ -200,6 +203,7 @@ def _pixels(checkpoint):
     return block_mean_recognizer(flip=None)
 
 
+@pytest.mark.slow
 def test_attack_end_to_end_tiny(tmp_path):
     # raw + the fixed-θ row (one attacker, two evaluations); the DuetFace and fresh-θ representations
     # are checked above, and every row goes through the same attacker code

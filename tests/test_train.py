@@ -46,6 +46,7 @@ def run_steps(config, mesh, n, rng_seed=0):
     return setup, state, losses
 
 
+@pytest.mark.slow
 def test_sharded_step_matches_single_device():
     assert jax.device_count() == 8, "conftest sets 8 fake CPU devices"
     c = tiny_config()
@@ -103,6 +104,7 @@ def test_bad_configs_name_the_field(tmp_path):
             config_lib.validate(c, 8)
 
 
+@pytest.mark.slow
 def test_end_to_end_writes_results_and_resumes(tmp_path):
     c = tiny_config()
     wd = str(tmp_path / "run")
@@ -127,6 +129,7 @@ def test_end_to_end_writes_results_and_resumes(tmp_path):
     assert e.shape == (3, c.model.embedding_size) and np.isfinite(e).all()
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_checkpoints(tmp_path):
     wd = str(tmp_path / "nan")
     train.train_and_evaluate(tiny_config(), wd)  # 4 good steps, checkpoints at 2 and 4
@@ -139,6 +142,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoints(tmp_path):
     assert set(before) <= set(os.listdir(os.path.join(wd, "checkpoints")))
 
 
+@pytest.mark.slow
 def test_non_finite_step_leaves_the_state_unchanged():
     # lr 1e30 overflows within a few steps; the first non-finite step must return the state it got
     c = tiny_config(**{"optim.lr": 1e30})
@@ -164,6 +168,7 @@ def test_non_finite_step_leaves_the_state_unchanged():
     assert not np.isfinite(float(m["loss"])) or not np.isfinite(float(m["grad_norm"]))
 
 
+@pytest.mark.slow
 def test_checkpoint_from_8_devices_restores_on_4(tmp_path):
     c = tiny_config()
     eight = Mesh(np.asarray(jax.devices()).reshape(8, 1), ("data", "model"))
@@ -223,6 +228,7 @@ def _env():
     return env
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_matches_uninterrupted(tmp_path):
     steps = 6
     ref = str(tmp_path / "ref")
@@ -250,6 +256,7 @@ def test_sigkill_and_resume_matches_uninterrupted(tmp_path):
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), a, b)
 
 
+@pytest.mark.slow
 def test_two_processes_agree_with_one(tmp_path):
     """Two processes (gloo collectives over localhost, jax.distributed) == one process.
 
@@ -285,6 +292,7 @@ def test_two_processes_agree_with_one(tmp_path):
 # ----------------------------------------------------------------------------- training-state safety
 
 
+@pytest.mark.slow
 def test_update_that_overflows_the_parameters_is_not_applied():
     # loss and gradients are finite at step 0; lr * grad overflows float32: the new state is non-finite
     c = tiny_config(**{"optim.lr": 3e38, "optim.warmup_epochs": 0.0})
@@ -359,6 +367,7 @@ def _setup_for(c, devices=1):
 
 @pytest.mark.parametrize("how", ["state_removed", "meta_removed", "metadata_garbage", "data_truncated",
                                  "empty_newer_dir"])
+@pytest.mark.slow
 def test_restart_falls_back_to_the_newest_intact_checkpoint(base_run, tmp_path, how):
     wd = _copy(base_run[0], tmp_path)
     bad = _corrupt(wd, how)
@@ -370,6 +379,7 @@ def test_restart_falls_back_to_the_newest_intact_checkpoint(base_run, tmp_path, 
     assert any(f"checkpoints/{bad} is unusable" in m for m in logs)
 
 
+@pytest.mark.slow
 def test_restart_skips_a_non_finite_checkpoint_and_resumes(base_run, tmp_path, capsys):
     wd = _copy(base_run[0], tmp_path)
     c = base_run[1]
@@ -467,6 +477,7 @@ def test_engine_verification_and_ppfr_eval_embed_alike(base_run):
     assert r["threshold"] == recorded["devtest_threshold"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("saved_on,resumed_on", [(4, 3), (3, 4), (8, 5)])
 def test_any_device_count_resumes_any_checkpoint(tmp_path, saved_on, resumed_on):
     import math
