@@ -265,7 +265,9 @@ def test_bad_inputs_name_the_file(mf, faces, tmp_path, capsys):
 
     # images: wrong size, missing, not an image, duplicate output names
     Image.new("RGB", (96, 112)).save(tmp_path / "wide.png")
-    assert "wide.png: image is 96x112" in protect_err("--images", str(tmp_path / "wide.png"))
+    assert "wide.png: image is 96x112" in protect_err("--images", str(tmp_path / "wide.png"), "--align", "none")
+    err = protect_err("--images", str(tmp_path / "wide.png"))  # default: a photo, searched for a face
+    assert "wide.png" in err and "no face" in err and "--skip-bad" in err, err
     assert "nope.png: no such file" in protect_err("--images", str(tmp_path / "nope.png"))
     (tmp_path / "junk.jpg").write_bytes(b"not a jpeg")
     assert "junk.jpg: cannot decode image" in protect_err("--images", str(tmp_path / "junk.jpg"))
@@ -371,6 +373,7 @@ def test_every_bad_input_is_one_line(mf, faces, tmp_path, capsys, case):
     if case == "oversized":
         Image.new("RGB", (4000, 3000)).save(tmp_path / "big.png")
         args[4] = str(tmp_path / "big.png")
+        args += ["--align", "none"]  # aligned faces only: refused on the header, before decoding
         want = "big.png: image is 4000x3000 (WxH), expected 112x112"
     elif case == "huge_header":
         (tmp_path / "bomb.png").write_bytes(_png_claiming(60000, 60000))
