@@ -50,7 +50,8 @@ def stage1_views(task, variables, images, key, batch_size: int = 50):
     from ppfr_jax import frequency, tasks
     from ppfr_jax.models import minusface
 
-    gen = {"params": {"generator": variables["params"]["generator"]}}
+    from ppfr_jax.methods.minusface import generator_params
+    gen = {"params": {"generator": generator_params(variables)}}
 
     @jax.jit
     def views(x, k):

@@ -428,7 +428,7 @@ def test_workdir_export_protect_verify(method, faces, tmp_path, capsys):
     variables, _ = checkpoints.restore_variables(second)
     if method == "minusface":  # the client is the run's frozen generator, the server its recogniser
         jax.tree.map(np.testing.assert_array_equal, dep.client_variables["params"]["generator"],
-                     variables["params"]["generator"])
+                     variables["frozen"]["generator"]["params"])
         jax.tree.map(np.testing.assert_array_equal, dep.server_variables["params"]["recognizer"],
                      variables["params"]["recognizer"])
     else:  # the client is the frozen warm-up client + the attention interfaces, the server the IR net

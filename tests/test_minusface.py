@@ -197,8 +197,10 @@ def test_stage1_then_stage2_end_to_end(tmp_path):
     res = json.load(open(os.path.join(s2, "results.json")))
     assert r2["steps"] == 2 and res["task"] == "minusface_stage2"
     v2, _ = checkpoints.restore_variables(s2)
-    # the frozen generator is bit-for-bit stage 1's; the new recogniser takes 3-channel X_p
-    jax.tree.map(np.testing.assert_array_equal, v2["params"]["generator"], v1["params"]["generator"])
+    # the frozen generator is bit-for-bit stage 1's, kept outside the parameters (as DuetFace's client); the new
+    # recogniser takes 3-channel X_p
+    assert "generator" not in v2["params"]
+    jax.tree.map(np.testing.assert_array_equal, v2["frozen"]["generator"]["params"], v1["params"]["generator"])
     assert v2["params"]["recognizer"]["input_layer_0"]["kernel"].shape[2] == 3
 
     # deployment split (the contract, methods.METHODS): the client holds only g, the server only f_p
@@ -234,7 +236,7 @@ def test_stage1_then_stage2_end_to_end(tmp_path):
     # no longer depends on the step's rng, and equals the one computed from those permutations by hand
     perms = np.stack([np.random.default_rng(s).permutation(192) for s in range(2)])[:, None]  # (B, 1, 192)
     batch = {"image": images, "label": np.array([1, 2], np.int32), "perms": perms.astype(np.int32)}
-    ms = {"batch_stats": v2["batch_stats"]}
+    ms = {"batch_stats": v2["batch_stats"], "frozen": v2["frozen"]}
     width = v2["params"]["head"]["kernel"].shape[1]  # the engine pads the class axis
     task = methods.make_task(c2, 10, width)
     loss_fn = jax.jit(lambda b, k: task.loss(v2["params"], ms, b, k, train=False)[0])

@@ -7,9 +7,10 @@ Tasks (``tasks.register``), on ``models.minusface.MinusBackbone``:
 by ``checkpoints.load_frozen``; a new recogniser on ``X_p = idct(shuffle(r))``
 in [0, 1]; without a stage-1 run, ``Stage1CheckpointNotFound`` names the field
 and the command that makes it) and ``minusface_toy`` (the U-Net on RGB).
-Variables: ``params = {generator, recognizer, head}``, ``batch_stats =
-{recognizer}``; the generator's optimiser group is ``'generator'`` (stage 1,
-toy) or ``'frozen'`` (stage 2). Verification shuffles (stage 2) are keyed by
+Variables: ``params = {generator, recognizer, head}`` (the generator's
+optimiser group ``'generator'``), ``batch_stats = {recognizer}``; in stage 2
+the generator is not a parameter: ``frozen = {generator: {params}}``, outside
+the optimiser, as DuetFace's client. Verification shuffles (stage 2) are keyed by
 ``config.minusface.eval_seed`` and each image (``eval_permutations``). Unlike
 the reference trainer: weight decay on kernels only, repeatable verification
 shuffles, RBG-keyed init (same distributions), the generator's learning-rate
@@ -106,7 +107,8 @@ class MinusFaceTask(tasks.RecognitionTask):
     # -- variables ------------------------------------------------------------------------------
     @staticmethod
     def _model_vars(params, model_state) -> dict:
-        v = {"params": {"generator": params["generator"], "recognizer": params["recognizer"]}}
+        v = {"params": {"generator": generator_params({"params": params, **model_state}),
+                        "recognizer": params["recognizer"]}}
         if "batch_stats" in model_state:
             v["batch_stats"] = {"recognizer": model_state["batch_stats"]["recognizer"]}
         return v
@@ -137,9 +139,6 @@ class MinusFaceTask(tasks.RecognitionTask):
     def loss(self, params, model_state, batch, rng, train=True):
         r_d, r_h, r_s = jax.random.split(rng, 3)
         x = tasks.normalize_images(batch["image"])
-        if self.mode == "stage2":
-            # belt and braces next to the 'frozen' optimiser group: no gradient is even computed for g
-            params = {**params, "generator": jax.lax.stop_gradient(params["generator"])}
         perms = batch.get("perms")  # (B, n_duplicate, 192): recorded shuffles (parity runs), batch-major
         if perms is not None:
             perms = jnp.swapaxes(perms, 0, 1)
@@ -183,7 +182,7 @@ class MinusFaceTask(tasks.RecognitionTask):
         Stage 2 shuffles each image with ``eval_permutations`` (repeatable).
         """
         perms = self.eval_permutations(images) if self.mode == "stage2" else None
-        gv = {"params": {"generator": variables["params"]["generator"]}}
+        gv = {"params": {"generator": generator_params(variables)}}
         x_p = self.model.apply(gv, tasks.normalize_images(images), perms=perms, method=MinusBackbone.protect)
         rv = {"params": {"recognizer": variables["params"]["recognizer"]}}
         if "batch_stats" in variables:
@@ -191,9 +190,7 @@ class MinusFaceTask(tasks.RecognitionTask):
         return self.model.apply(rv, x_p, train=False, method=MinusBackbone.recognize)
 
     def param_group(self, path):
-        if path and path[0] == "generator":
-            return "frozen" if self.mode == "stage2" else "generator"
-        return "default"
+        return "generator" if path and path[0] == "generator" else "default"  # stage 2 has no generator param
 
 
 @tasks.register("minusface_stage1")
@@ -245,15 +242,30 @@ class MinusFaceStage2(MinusFaceTask):
         return gen, step
 
     def init(self, rng, images, labels):
+        """Variables as stage 1's, except that the generator is not a parameter: the stage-1 generator sits in
+        ``frozen = {'generator': {'params': ...}}`` (as DuetFace's client does), outside the optimiser."""
         variables = super().init(rng, images, labels)
+        want = variables["params"].pop("generator")
         # the stage-1 generator, as constants of the (one-off) init program
-        want = variables["params"]["generator"]
-        variables["params"]["generator"] = jax.tree.map(lambda a, w: jnp.asarray(a, w.dtype),
-                                                        self.stage1_generator, want)
+        variables["frozen"] = {"generator": {"params": jax.tree.map(lambda a, w: jnp.asarray(a, w.dtype),
+                                                                    self.stage1_generator, want)}}
         return variables
 
 
 # ----------------------------------------------------------------------------- client/server contract
+
+
+def generator_params(variables) -> Any:
+    """The generator's params in a run's variables: ``frozen/generator/params`` (stage 2) or
+    ``params/generator`` (stage 1, toy, and stage-2 runs written before it moved).
+
+    Raises ``contract.MissingVariables`` naming ``frozen/generator/params`` when neither is there."""
+    frozen = variables.get("frozen", {}) if isinstance(variables, Mapping) else {}
+    if isinstance(frozen, Mapping) and "generator" in frozen:
+        return take(variables, "frozen/generator/params")
+    if isinstance(variables.get("params"), Mapping) and "generator" in variables["params"]:
+        return variables["params"]["generator"]
+    return take(variables, "frozen/generator/params")
 
 
 class MinusFaceSplit:
@@ -262,7 +274,9 @@ class MinusFaceSplit:
     Client input ``extra``: permutations (B, n_duplicate, 192) int32, each row
     a permutation of 0..191 (not checked here: the caller draws or checks them).
     Transmitted: ``x_p`` (B, 112, 112, 3 * n_duplicate) in [0, 1]. Engine
-    variables: ``params/{generator, recognizer}``, ``batch_stats/recognizer``.
+    variables: ``frozen/generator/params``, ``params/recognizer``,
+    ``batch_stats/recognizer`` (a stage-1 run, and stage-2 runs written before
+    the generator moved out of the parameters: ``params/generator``).
     """
 
     method = "minusface"
@@ -296,13 +310,17 @@ class MinusFaceSplit:
                 jax.ShapeDtypeStruct((batch, self.n_duplicate, frequency.NUM_CHANNELS), jnp.int32)]
 
     def init_variables(self, key) -> dict:
-        """Untrained variables in the engine's layout (no head), from ``key``."""
+        """Untrained variables in a stage-2 run's layout (no head), from ``key``."""
         x = jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3))
-        return self.model.init({"params": key, "dropout": key}, x, key=key)
+        v = dict(self.model.init({"params": key, "dropout": key}, x, key=key))
+        params = dict(v["params"])
+        v["frozen"] = {"generator": {"params": params.pop("generator")}}
+        v["params"] = params
+        return v
 
     def client_variables(self, variables) -> dict:
         """Engine variables -> the client half: the generator's params."""
-        return {"params": {"generator": take(variables, "params/generator")}}
+        return {"params": {"generator": generator_params(variables)}}
 
     def server_variables(self, variables) -> dict:
         """Engine variables -> the server half: the recogniser's params and batch_stats."""
