@@ -15,7 +15,7 @@
 
 Killed at any point, the same call continues: the engine resumes a stage from its checkpoint and re-prints
 a finished one without changing it; a finished attack (``privacy/privacy.json`` made with the same
-settings) is not redone; outputs are only written when their bytes change. A finished pipeline run again
+settings against the same checkpoint) is not redone; outputs are only written when their bytes change. A finished pipeline run again
 prints its recorded results and writes nothing.
 
 Only the CLI (``ppfr_jax.cli.train``) imports this module; it imports the engine. No TensorFlow at import.
@@ -418,7 +418,10 @@ def run_pipeline(config, workdir: str, *, log: Callable[[str], None] | None = No
         pc, skipped_why = privacy_config(config, workdir)
         pdir = os.path.join(root, "privacy")
         prec = _read_json(os.path.join(pdir, "privacy.json"))
-        if isinstance(prec, dict) and prec.get("config") == _plain(pc) and prec.get("rows"):
+        # reused only when made with these settings against the last stage's current checkpoint
+        weights = f"{stages[-1]['workdir']} (step {stages[-1]['steps']})"
+        if (isinstance(prec, dict) and prec.get("config") == _plain(pc) and prec.get("rows")
+                and prec["rows"][0].get("weights") == weights):
             log(f"pipeline: privacy attack already done ({pdir}/privacy.json)")
         else:
             log(f"pipeline: privacy attack on {p.stages[-1]}'s view, {pc.attacker.steps} attacker steps, in {pdir}")

@@ -205,7 +205,7 @@ def test_pipeline_end_to_end(finished):
     assert len(steps) == 2 + 2 + 2  # client, server (every step), baseline (every 2nd of 4)
     for ln in steps:
         assert "steps/s" in ln and "ETA" in ln and "pipeline ETA" in ln, ln
-    attacker = [ln for ln in lines if "attacker step" in ln]
+    attacker = [ln for ln in lines if "] attacker step" in ln]
     assert attacker and all("steps/s" in ln and "pipeline ETA" in ln for ln in attacker)
     table = lines[-1].splitlines()
     assert table[1].split() == ["stage", "steps", "wall", "time", "DevTest", "accuracy"]
@@ -233,6 +233,9 @@ def test_finished_pipeline_rerun_prints_results_and_changes_nothing(finished, ca
     assert any("privacy attack already done" in ln for ln in lines)
     after = _snapshot(wd)
     assert after.pop(pipeline.RESULTS)[1] == before.pop(pipeline.RESULTS)[1]  # rewritten: same bytes
+    # the engine takes each stage's run lock again (written, then emptied): only those files' mtimes move
+    locks = [k for k in before if os.path.basename(k) == checkpoints.LOCK_FILE]
+    assert len(locks) == 4 and all(after.pop(k)[1] == before.pop(k)[1] == b"" for k in locks)
     assert after == before
 
 
