@@ -267,3 +267,15 @@ def test_pipeline_killed_during_stage_2_continues_to_the_same_parameters(finishe
     assert step == ref_step == 2
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)
     shutil.rmtree(wd, ignore_errors=True)
+
+
+def test_missing_recogniser_checkpoint_is_skipped_with_the_reason(tmp_path):
+    c = duetface.get_config("tiny")
+    c.privacy.recognizer.checkpoint = str(tmp_path / "nothing.ckpt")
+    pc, why = pipeline.privacy_config(c, str(tmp_path))
+    assert pc.recognizer.checkpoint == "" and "nothing.ckpt" in why and "PROVENANCE.md" in why
+    c.privacy.recognizer.checkpoint = ""
+    assert "empty" in pipeline.privacy_config(c, str(tmp_path))[1]
+    c.privacy.recognizer.checkpoint = config_lib.CASIA_CHECKPOINT
+    _, why = pipeline.privacy_config(c, str(tmp_path))
+    assert (why is None) == os.path.exists(config_lib.CASIA_CHECKPOINT)
