@@ -35,19 +35,62 @@ an idle 2-core CPU: client 7 min -> DevTest 80.3%, server 14 min -> 85.2%
 
 ``tiny``: synthetic data, template ROI, a few steps: for tests
 (``configs/duetface.py:server,tiny,client_workdir=<dir>``).
+
+No stage named (``configs/duetface.py:demo``, ``:tiny``): the whole pipeline in one run
+(``ppfr_jax.pipeline``): client, then server (wired to the client's sub-folder), the RGB
+baseline with the server's budget (``configs/arcface.py:demo,match=duetface``; ``baseline=False``
+to skip it, ``baseline_workdir=DIR`` to read an existing one), the white-box recovery attack on what
+the server receives (``configs/privacy.py:demo``, ``attack_steps=`` attacker steps) and
+``<workdir>/report.md``::
+
+    python -m ppfr_jax.main --config configs/duetface.py:demo --workdir runs/duetface_demo
+
+Stage fields are under ``config.stages.client`` / ``config.stages.server`` (e.g.
+``--config.stages.server.num_train_steps=50``), the attack's under ``config.privacy``.
 """
+import pathlib
+
 from ppfr_jax import config_lib
 from ppfr_jax.frequency import SUB_CHS
 
 SIZES = ("ir18", "ir50", "demo", "tiny")
 
 
+def pipeline(a):
+    """The whole DuetFace pipeline (``demo`` or ``tiny``) as one config (``config_lib.pipeline_config``)."""
+    if not (a.demo or a.tiny) or a.ir18 or a.ir50 or a.steps or a.client_workdir or a.roi or a.pfld:
+        raise ValueError("configs/duetface.py: the whole pipeline (no stage named) exists for 'demo' and 'tiny' only, "
+                         "with baseline=, baseline_workdir=, attack_steps=; name a stage ('client' or 'server') "
+                         "for the other settings")
+    size = "tiny" if a.tiny else "demo"
+    here = pathlib.Path(__file__).parent
+    privacy = config_lib.load_config_spec(f"{here / 'privacy.py'}:{size},rows=duetface")
+    privacy.allow_untrained = False  # the pipeline trains the run the attack reads
+    privacy.recognizer.checkpoint = config_lib.CASIA_CHECKPOINT  # skipped with the reason when absent
+    privacy.attacker.steps = a.attack_steps or (200 if size == "demo" else 2)
+    baseline = config_lib.load_config_spec(f"{here / 'arcface.py'}:tiny" if a.tiny else
+                                           f"{here / 'arcface.py'}:demo,match=duetface")
+    return config_lib.pipeline_config(
+        "duetface", {"client": get_config(f"client,{size}"), "server": get_config(f"server,{size}")},
+        baseline_config=baseline, privacy_config=privacy, baseline=a.baseline, baseline_workdir=a.baseline_workdir,
+        # idle 2-core CPU (bench/RESULTS.md): the whole pipeline's ETA scales these by the measured speed
+        estimates_s={"client": 420, "server": 840, "baseline": 120, "privacy": 150} if size == "demo" else {},
+        grid_rows=6 if size == "demo" else 3)
+
+
 def get_config(arg=None):
     a = config_lib.parse_arg(arg, client=False, server=False, ir18=False, ir50=False, demo=False, tiny=False,
-                             steps=0, client_workdir="", roi="", pfld="")
-    if a.client == a.server:
+                             steps=0, client_workdir="", roi="", pfld="", baseline=True, baseline_workdir="",
+                             attack_steps=0)
+    if a.client and a.server:
         raise ValueError(f"configs/duetface.py: pick one stage, 'client' (warm-up) or 'server' (got {arg!r}), e.g. "
-                         f"configs/duetface.py:client,demo then configs/duetface.py:server,demo")
+                         f"configs/duetface.py:client,demo then configs/duetface.py:server,demo, or none for the "
+                         f"whole pipeline (configs/duetface.py:demo)")
+    if not (a.client or a.server):
+        return pipeline(a)
+    if a.baseline_workdir or a.attack_steps or not a.baseline:
+        raise ValueError("configs/duetface.py: baseline=, baseline_workdir=, attack_steps= belong to the whole "
+                         "pipeline (no stage named)")
     if a.ir18 + a.ir50 + a.demo + a.tiny > 1:
         raise ValueError(f"configs/duetface.py: pick at most one of {SIZES} (got {arg!r})")
     size = "tiny" if a.tiny else "demo" if a.demo else "ir50" if a.ir50 else "ir18"

@@ -47,7 +47,19 @@ reference) conditions the generator for SGD; ``python bench/minusface_demo.py --
 (stage 2's ``demo`` reads ``runs/minusface_stage1_demo`` unless
 ``stage1_workdir=...`` is given). ``toy``: the U-Net on RGB
 (``configs/minusface.py:toy,demo``). ``tiny``: synthetic data, a few steps, for tests.
+
+No stage named (``configs/minusface.py:demo``, ``:tiny``): the whole pipeline in one run
+(``ppfr_jax.pipeline``): stage 1, then stage 2 (wired to stage 1's sub-folder), the RGB baseline
+with stage 2's budget (``configs/arcface.py:demo,match=minusface``; ``baseline=False`` to skip it,
+``baseline_workdir=DIR`` to read an existing one), the white-box recovery attack on X_p
+(``configs/privacy.py:demo``, ``attack_steps=``) and ``<workdir>/report.md``::
+
+    python -m ppfr_jax.main --config configs/minusface.py:demo --workdir runs/minusface_demo
+
+Stage fields are under ``config.stages.stage1`` / ``config.stages.stage2``, the attack's under ``config.privacy``.
 """
+import pathlib
+
 from ppfr_jax import config_lib
 from ppfr_jax.models.unet import DEFAULT_WIDTHS
 
@@ -55,11 +67,40 @@ DEMO_WIDTHS = (4, 8, 16, 32, 64)
 TINY_WIDTHS = (4, 8, 8, 16, 16)
 
 
+def pipeline(a):
+    """The whole MinusFace pipeline (``demo`` or ``tiny``) as one config (``config_lib.pipeline_config``)."""
+    if (not (a.demo or a.tiny) or a.ir18 or a.ir50 or a.steps or a.num_aug or a.n_duplicate != 1
+            or a.stage1_workdir):
+        raise ValueError("configs/minusface.py: the whole pipeline (stage1 and stage2 not named) exists for 'demo' "
+                         "and 'tiny' only, with baseline=, baseline_workdir=, attack_steps=; name a stage for the "
+                         "other settings")
+    size = "tiny" if a.tiny else "demo"
+    here = pathlib.Path(__file__).parent
+    privacy = config_lib.load_config_spec(f"{here / 'privacy.py'}:{size},rows=minusface")
+    privacy.allow_untrained = False  # the pipeline trains the run the attack reads
+    privacy.recognizer.checkpoint = config_lib.CASIA_CHECKPOINT  # skipped with the reason when absent
+    privacy.attacker.steps = a.attack_steps or (200 if size == "demo" else 2)
+    baseline = config_lib.load_config_spec(f"{here / 'arcface.py'}:tiny" if a.tiny else
+                                           f"{here / 'arcface.py'}:demo,match=minusface")
+    return config_lib.pipeline_config(
+        "minusface", {"stage1": get_config(f"stage1,{size}"), "stage2": get_config(f"stage2,{size}")},
+        baseline_config=baseline, privacy_config=privacy, baseline=a.baseline, baseline_workdir=a.baseline_workdir,
+        # idle 2-core CPU (bench/RESULTS.md): the whole pipeline's ETA scales these by the measured speed
+        estimates_s={"stage1": 360, "stage2": 360, "baseline": 60, "privacy": 120} if size == "demo" else {},
+        grid_rows=6 if size == "demo" else 3)
+
+
 def get_config(arg=None):
     a = config_lib.parse_arg(arg, stage1=False, stage2=False, toy=False, ir18=False, ir50=False, demo=False,
-                             tiny=False, steps=0, num_aug=0, n_duplicate=1, stage1_workdir="")
+                             tiny=False, steps=0, num_aug=0, n_duplicate=1, stage1_workdir="", baseline=True,
+                             baseline_workdir="", attack_steps=0)
     if a.stage1 + a.stage2 + a.toy > 1:
         raise ValueError(f"pick one of stage1, stage2, toy (got {arg!r})")
+    if not (a.stage1 or a.stage2 or a.toy) and (a.demo or a.tiny):
+        return pipeline(a)
+    if a.baseline_workdir or a.attack_steps or not a.baseline:
+        raise ValueError("configs/minusface.py: baseline=, baseline_workdir=, attack_steps= belong to the whole "
+                         "pipeline (demo or tiny, no stage named)")
     mode = "stage2" if a.stage2 else "toy" if a.toy else "stage1"
     size = "tiny" if a.tiny else "demo" if a.demo else "ir50" if a.ir50 else "ir18"
 

@@ -66,6 +66,44 @@ def load_config_spec(spec: str, error: type[Exception] = ValueError) -> ml_colle
     return mod.get_config(arg or None)
 
 
+PIPELINE_STAGES = {"duetface": ("client", "server"), "minusface": ("stage1", "stage2")}
+# the shared CASIA recogniser (../shared/data/models/PROVENANCE.md), next to the repository checkout
+CASIA_CHECKPOINT = str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "models"
+                       / "mobilefacenet_casia_xiaoccer" / "068.ckpt")
+
+
+def pipeline_config(method: str, stages: dict, *, baseline_config, privacy_config, baseline: bool = True,
+                    baseline_workdir: str = "", estimates_s: dict | None = None,
+                    grid_rows: int = 6) -> ml_collections.ConfigDict:
+    """A whole method in one config (``ppfr_jax.pipeline``): its stages' training configs in order, the
+    equal-budget RGB baseline, the privacy attack settings.
+
+    Args:
+      method: a key of :data:`PIPELINE_STAGES` (``'duetface'``, ``'minusface'``).
+      stages: stage name -> its training config (e.g. ``configs/duetface.py:client,demo``), every stage of
+        ``PIPELINE_STAGES[method]``; the pipeline wires each to the previous stage's workdir at run time.
+      baseline_config: the RGB ArcFace config with the recogniser's budget (``configs/arcface.py:demo,match=...``).
+      privacy_config: a ``configs/privacy.py`` config (the attack's budget); its rows and method workdirs
+        are set by the pipeline.
+      baseline: train the baseline in ``<workdir>/baseline``; ``baseline_workdir``: read it from there instead.
+      estimates_s: phase name (stage names, ``'baseline'``, ``'privacy'``) -> seconds on an idle 2-core CPU,
+        for the whole pipeline's ETA (scaled by the measured speed of the running stage); {} = unknown.
+      grid_rows: faces shown in the report's pictures.
+    Returns:
+      ``ConfigDict(pipeline=..., stages=..., baseline=..., privacy=...)``; ``"pipeline" in config`` tells
+      the CLI to run :func:`ppfr_jax.pipeline.run_pipeline`.
+    """
+    c = ml_collections.ConfigDict()
+    c.pipeline = ml_collections.ConfigDict(dict(
+        method=method, stages=tuple(PIPELINE_STAGES.get(method, ())), baseline=bool(baseline),
+        baseline_workdir=baseline_workdir, grid_rows=int(grid_rows),
+        estimates_s=ml_collections.ConfigDict({k: float(v) for k, v in (estimates_s or {}).items()})))
+    c.stages = ml_collections.ConfigDict({k: v for k, v in stages.items()})
+    c.baseline = baseline_config
+    c.privacy = privacy_config
+    return c
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Defaults shared by every training config (the paper settings)."""
     c = ml_collections.ConfigDict()

@@ -248,8 +248,12 @@ def _variables(state: TrainState) -> dict:
 
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progress=None) -> dict:
     """Train (resuming from ``workdir`` if it holds a checkpoint), evaluate, write results.json.
+
+    Every log line shows the steps/s since the previous one and the run's ETA; ``progress``, if given, is
+    called there as ``progress(step, num_steps, steps_per_s)`` and the string it returns is appended
+    (``ppfr_jax.pipeline`` adds the whole pipeline's ETA this way).
 
     Raises:
       config_lib.ConfigError: a bad config value (before anything is written).
@@ -261,7 +265,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     config_lib.validate(config, jax.device_count())
     workdir_path(workdir).mkdir(parents=True, exist_ok=True)
     with workdir_lock(workdir):
-        return _train_locked(config, workdir)
+        return _train_locked(config, workdir, progress)
+
+
+def format_duration(seconds: float) -> str:
+    """``3725`` -> ``'1h02m05s'``, ``65`` -> ``'1m05s'``, ``4.2`` -> ``'4s'`` (for logs and tables)."""
+    s = int(round(max(0.0, float(seconds))))
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 def _reposition(batches, config, gb: int, step: int):
@@ -272,7 +284,7 @@ def _reposition(batches, config, gb: int, step: int):
     return data.train_source(config, gb, step)[0]
 
 
-def _train_locked(config, workdir: str) -> dict:
+def _train_locked(config, workdir: str, progress=None) -> dict:
     from clu import metric_writers, periodic_actions
 
     t_start = time.time()
@@ -322,6 +334,7 @@ def _train_locked(config, workdir: str) -> dict:
     pending: list = []
     saving: list[int] = []  # steps whose (asynchronous) save may still fail
     step = int(jax.device_get(state.step))
+    t_log, step_log = time.time(), step  # steps/s between log lines (the first includes compilation)
 
     def save_failed(e: BaseException) -> CheckpointSaveError:
         where = ckdir / str(saving[-1]) if saving else ckdir
@@ -349,9 +362,14 @@ def _train_locked(config, workdir: str) -> dict:
                 summary = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
                 pending = []
                 writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
+                now = time.time()
+                rate = (step - step_log) / max(now - t_log, 1e-9)
+                t_log, step_log = now, step
                 if jax.process_index() == 0:
+                    extra = progress(step, setup.num_steps, rate) if progress is not None else ""
                     print(f"step {step}/{setup.num_steps} loss {summary['loss']:.4f} acc {summary['accuracy']:.3f} "
-                          f"lr {summary['learning_rate']:.4g}", flush=True)
+                          f"lr {summary['learning_rate']:.4g} | {rate:.2f} steps/s, ETA "
+                          f"{format_duration((setup.num_steps - step) / max(rate, 1e-9))}{extra}", flush=True)
             do_eval = evaluator is not None and (is_last or (config.eval.every_steps and step % config.eval.every_steps == 0))
             if do_eval:
                 r = evaluator.run(_variables(state))

@@ -2,7 +2,9 @@
 
 ``ppfr-train --config configs/arcface.py:demo --workdir runs/x [--config.FIELD=VALUE ...]``
 (absl flags + ``config_flags``). A workdir holding checkpoints is resumed; a
-finished one prints its results. Exit codes: 0 done; 2 a bad config value or a
+finished one prints its results. A pipeline config (``configs/duetface.py:demo``: a ``pipeline``
+section, no stage named) runs the whole method instead (``ppfr_jax.pipeline.run_pipeline``: every
+stage in its sub-folder, the baseline, the attack, ``report.md``), with the same exit codes. Exit codes: 0 done; 2 a bad config value or a
 run that cannot start or go on (``ppfr-train: error: ...``, no traceback); 1 a
 non-finite update (not applied, not saved).
 """
@@ -26,7 +28,11 @@ def _main(argv):
     from ppfr_jax.cli import error_exit
     logging.set_verbosity(logging.WARNING)
     try:
-        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        if "pipeline" in FLAGS.config:
+            from ppfr_jax import pipeline
+            pipeline.run_pipeline(FLAGS.config, FLAGS.workdir)
+        else:
+            train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except errors.NonFiniteLossError as e:
         sys.exit(error_exit(PROG, e, 1))
     except errors.CheckpointSaveError as e:

@@ -19,16 +19,27 @@ def _stretch(img: np.ndarray) -> np.ndarray:
     return np.clip((img.astype(np.float32) - lo) * (255.0 / (hi - lo)), 0, 255).round().astype(np.uint8)
 
 
+def stretch_each(images: np.ndarray) -> np.ndarray:
+    """:func:`_stretch` applied to each uint8 (H, W, 3) image of (N, H, W, 3) (display only)."""
+    return np.stack([_stretch(im) for im in images])
+
+
+def tile_grid(columns: list[np.ndarray], *, gap: int = 2) -> np.ndarray:
+    """Columns of uint8 (N, H, W, 3) images (the same N, H, W) -> one uint8 picture, row i = image i of each
+    column, left to right, white ``gap``-pixel lines between tiles."""
+    n, h, w, _ = columns[0].shape
+    k = len(columns)
+    grid = np.full((n * h + (n - 1) * gap, k * w + (k - 1) * gap, 3), 255, np.uint8)
+    for i in range(n):
+        for j, col in enumerate(columns):
+            grid[i * (h + gap):i * (h + gap) + h, j * (w + gap):j * (w + gap) + w] = col[i]
+    return grid
+
+
 def make_grid(original: np.ndarray, protected: np.ndarray, recovered: np.ndarray, *, stretch: bool = False,
               gap: int = 2) -> np.ndarray:
     """Rows of (original | protected | recovered) 112x112 tiles -> one uint8 (H, W, 3) picture."""
-    n, h, w, _ = original.shape
-    grid = np.full((n * h + (n - 1) * gap, 3 * w + 2 * gap, 3), 255, np.uint8)
-    for i in range(n):
-        p = _stretch(protected[i]) if stretch else protected[i]
-        for j, tile in enumerate((original[i], p, recovered[i])):
-            grid[i * (h + gap):i * (h + gap) + h, j * (w + gap):j * (w + gap) + w] = tile
-    return grid
+    return tile_grid([original, stretch_each(protected) if stretch else protected, recovered], gap=gap)
 
 
 def grid_file_name(method: str) -> str:
