@@ -161,6 +161,8 @@ def run_stage(a, stage, cfg, tmp, seed, stage1_state="", out_lines=None):
             check = [json.loads(line)["fast_transforms_check"] for line in open(os.path.join(d, "stdout.txt"))
                      if line.startswith('{"fast_transforms_check"')]
             rec = {"bench": "ref_minusface_demo", "side": "reference", "stage": stage, "step": st,
+                   "frozen_generator": None if stage == "stage1" else (
+                       f"ours, exported: {os.path.abspath(a.ours_stage1)}" if a.ours_stage1 else "the reference's stage 1"),
                    "batch_size": int(cfg.batch_size), "devtest_accuracy": r["accuracy"], "devtest_std": r["std"],
                    "train_loss_fr_mean": float(np.mean([x["loss_fr"] for x in win])) if win else None,
                    "train_loss_gen_mean": float(np.mean([x["loss_gen"] for x in win])) if win else None,
@@ -191,6 +193,55 @@ def run_stage(a, stage, cfg, tmp, seed, stage1_state="", out_lines=None):
     return recs, os.path.join(d, f"step_{steps}.npz")
 
 
+def export_generator(a, ours_workdir: str, out_npz: str) -> dict:
+    """Our stage-1 run's generator as a reference state_dict (``model.generator.backbone.*``) -> ``out_npz``.
+
+    The key names, shapes and layouts come from the reference itself: its fresh stage-1 state_dict at the
+    demo's sizes (``ref_minusface_train.py --dump-init``) is filled with distinct values (0, 1, 2, ...),
+    imported by our ``unet.import_torch_state_dict``, and where each value lands says where each of our
+    weights goes back. Checked: importing the exported state_dict gives our generator exactly.
+    """
+    from ppfr_jax import train
+    from ppfr_jax.models import unet
+    cfg = demo_config("stage1", 1.0)
+    d = os.path.dirname(out_npz)
+    st = os.path.join(d, "dump_settings.json")
+    with open(st, "w") as f:
+        json.dump(settings(cfg, [0.0], 1, [], 0), f)
+    init = os.path.join(d, "ref_stage1_init.npz")
+    subprocess.run([a.ref_python, os.path.join(HERE, "ref_minusface_train.py"), "--tface", a.tface, "--torchjpeg",
+                    a.torchjpeg, "--settings", st, "--out", d, "--dump-init", init], check=True)
+    prefix = "model.generator.backbone."
+    ref = {k: v for k, v in np.load(init).items() if k.startswith(prefix)}
+    probe, off = {}, 0
+    for k in sorted(ref):
+        probe[k] = (off + np.arange(ref[k].size, dtype=np.float64)).reshape(ref[k].shape)
+        off += ref[k].size
+    variables, step = train.restore_variables(ours_workdir)
+    ours = variables["params"]["generator"]
+    target = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.float64), ours)}
+    where = unet.import_torch_state_dict(probe, target, prefix=prefix)["params"]
+    flat_ref = np.zeros(off, np.float64)
+    filled = np.zeros(off, bool)
+    for w, o in zip(jax.tree.leaves(where), jax.tree.leaves(ours)):
+        idx = np.asarray(w).astype(np.int64).ravel()
+        flat_ref[idx] = np.asarray(o, np.float64).ravel()
+        filled[idx] = True
+    if not filled.all():
+        raise SystemExit(f"export: {int((~filled).sum())} reference generator values have no counterpart of ours")
+    out, off = {}, 0
+    for k in sorted(ref):
+        out[k] = flat_ref[off:off + ref[k].size].reshape(ref[k].shape).astype(np.float32)
+        off += ref[k].size
+    np.savez(out_npz, **out)
+    back = unet.import_torch_state_dict(out, {"params": ours}, prefix=prefix)["params"]
+    same = all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(ours)))
+    if not same:
+        raise SystemExit("export: importing the exported generator does not give ours back")
+    return {"ours_stage1_workdir": os.path.abspath(ours_workdir), "ours_stage1_step": step,
+            "exported_tensors": len(out), "round_trip_exact": same}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ref-python", required=True, help="python of the reference's own venv (torch)")
@@ -200,6 +251,9 @@ def main(argv=None):
     ap.add_argument("--stretch", type=float, default=1.0, help="stage 2: N x the demo's epochs (schedule stretched)")
     ap.add_argument("--eval-every", type=int, default=42)
     ap.add_argument("--stages", default="stage1,stage2")
+    ap.add_argument("--ours-stage1", default="", metavar="WORKDIR",
+                    help="skip the reference's stage 1: its stage 2 freezes the generator of this stage-1 run of ours "
+                         "(exported to the reference's layout), as our stage 2 does")
     ap.add_argument("--seed", type=int, default=0, help="torch seed of the reference (init, head, randperm)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--nice", type=int, default=10)
@@ -215,8 +269,15 @@ def main(argv=None):
     if "stage1" in stages:
         _, s1_state = run_stage(a, "stage1", demo_config("stage1", 1.0, max_steps=a.max_steps), a.workdir, a.seed,
                                 out_lines=a.out)
+    s1_wd = os.path.join(a.workdir, "s1_import")
+    if a.ours_stage1:  # stage 2 of the reference on OUR stage-1 generator (exported): the same frozen g both sides
+        stages = [x for x in stages if x != "stage1"]
+        s1_state = os.path.join(a.workdir, "ours_generator_as_ref.npz")
+        info = export_generator(a, a.ours_stage1, s1_state)
+        print(json.dumps({"export": info}), flush=True)
+        s1_wd = a.ours_stage1
     if "stage2" in stages:
-        cfg2 = demo_config("stage2", a.stretch, os.path.join(a.workdir, "s1_import"), a.max_steps)
+        cfg2 = demo_config("stage2", a.stretch, s1_wd, a.max_steps)
         run_stage(a, "stage2", cfg2, a.workdir, a.seed + 1, stage1_state=s1_state, out_lines=a.out)
     return 0
 

@@ -222,8 +222,10 @@ def build(R, stage, s, stage1_state=None):
     pre = R.mf.MinusBackbone(mode="stage1", recognizer=recognizer())
     resize_unet(pre.generator.backbone, s["generator_widths"])
     resize_ir(pre.recognizer, s["ir_stem"], s["ir_widths"], s["embedding_size"], 192)
-    sd = {k[len("model."):]: torch.from_numpy(v) for k, v in stage1_state.items() if k.startswith("model.")}
-    pre.load_state_dict(sd)
+    # the generator only (a reference stage-1 state_dict, or ours exported by ref_minusface_demo.py)
+    prefix = "model.generator."
+    sd = {k[len(prefix):]: torch.from_numpy(v) for k, v in stage1_state.items() if k.startswith(prefix)}
+    pre.generator.load_state_dict(sd)  # strict: every generator tensor, nothing else
     pre.generator.mode = "stage2"
     model = R.mf.MinusBackbone(mode="stage2", n_duplicate=n_dup, generator=copy.deepcopy(pre.generator),
                                recognizer=recognizer())
@@ -235,11 +237,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tface", required=True)
     ap.add_argument("--torchjpeg", required=True)
-    ap.add_argument("--stage", choices=("stage1", "stage2"), required=True)
-    ap.add_argument("--batches", required=True)
+    ap.add_argument("--stage", choices=("stage1", "stage2"), default="stage1")
+    ap.add_argument("--batches", default="")
+    ap.add_argument("--dump-init", default="", help="write the fresh stage-1 state_dict to this .npz and stop")
     ap.add_argument("--settings", required=True)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--stage1-state", default="", help="stage 2: a step_<n>.npz of the stage-1 run")
+    ap.add_argument("--stage1-state", default="", help="stage 2: a step_<n>.npz of the stage-1 run (its "
+                    "model.generator.* tensors are used)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--reference-transforms", action="store_true",
                     help="keep the reference's own dct_transform / idct_transform (slow: ~100 s per stage-2 step "
@@ -256,6 +260,10 @@ def main(argv=None):
     mg.init_single_process_group("gloo")
     R = mg.setup_reference(a.tface, a.torchjpeg, test_utils=False)
 
+    if a.dump_init:  # the fresh stage-1 state_dict at the demo's sizes (key names and shapes), then stop
+        s1 = build(R, "stage1", s)
+        np.savez(a.dump_init, **{f"model.{k}": v.detach().numpy() for k, v in s1.state_dict().items()})
+        return
     data = np.load(a.batches)
     images, labels = data["images"], data["labels"]
     lrs = [float(v) for v in s["lrs"]]
