@@ -1,7 +1,7 @@
 """The PyTorch reference's MinusFace trained with our demo settings, measured with our evaluator.
 
     python bench/ref_minusface_demo.py --ref-python REFVENV/bin/python --tface DIR/TFace --torchjpeg DIR/torchjpeg \\
-        --workdir /tmp/ref_minus [--stretch 4] [--eval-every 42] [--out FILE] [--nice 10]
+        --workdir /tmp/ref_minus [--stretch 4] [--eval-every 42] [--ours-stage1 WORKDIR] [--out FILE]
 
 The fallback of issue 15: does the reference, trained with the same demo settings for the same
 steps, reach DevTest >= 75%, and what budget does it take? Stage 1 (``configs/minusface.py:stage1,demo``:
@@ -256,7 +256,8 @@ def main(argv=None):
                          "(exported to the reference's layout), as our stage 2 does")
     ap.add_argument("--seed", type=int, default=0, help="torch seed of the reference (init, head, randperm)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--nice", type=int, default=10)
+    ap.add_argument("--nice", type=int, default=0,
+                    help="run the reference under nice -n N (0: as this process; run this script under nice instead)")
     ap.add_argument("--resume", action="store_true", help="do not retrain a stage whose checkpoints exist")
     ap.add_argument("--max-steps", type=int, default=0, help=argparse.SUPPRESS)  # smoke tests
     ap.add_argument("--out", default="", help="append the JSON lines to this file too")
