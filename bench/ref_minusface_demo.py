@@ -128,7 +128,6 @@ class Importer:
 
 
 def run_stage(a, stage, cfg, tmp, seed, stage1_state="", out_lines=None):
-    from ppfr_jax import train  # noqa: F401
     d = os.path.join(tmp, f"ref_{stage}")
     os.makedirs(d, exist_ok=True)
     lrs, num_classes, steps = batches_and_lrs(cfg, os.path.join(tmp, f"batches_{stage}.npz"))

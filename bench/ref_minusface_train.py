@@ -116,8 +116,6 @@ def fast_transforms(dct_transform, idct_transform):
     assert torch.allclose(w_idct, torch.kron(c, c).T, atol=1e-6), "block_idct is not block_dct's transpose"
     k_dct = torch.einsum("pr,irh->pih", c, up.reshape(n, 8, n)).float()  # (p, i, h)
     k_idct = torch.einsum("air,pr->pai", down.reshape(n, n, 8), c).float()  # (p, a, i)
-    k_dct_h = k_dct.reshape(8 * n, n)  # (p i) x h
-    k_idct_h = k_idct.permute(1, 0, 2).reshape(n, 8 * n)  # a x (p i)
     zero = torch.zeros(1, 3, 1, 1)
     off_y = tj.to_ycbcr(zero).view(3)
     m_y = torch.stack([tj.to_ycbcr(torch.eye(3)[k].view(1, 3, 1, 1)).view(3) - off_y for k in range(3)], 1)  # [out, in]
