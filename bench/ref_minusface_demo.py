@@ -169,7 +169,8 @@ def run_stage(a, stage, cfg, tmp, seed, stage1_state="", out_lines=None):
                    "lr": win[-1]["lr"] if win else None,
                    "ref_wall_s": log[[x["step"] for x in log].index(st)]["wall_s"] if win else None,
                    "eval_wall_s": round(time.time() - t0, 1), "stretch": a.stretch if stage == "stage2" else 1,
-                   "steps_total": steps, "fast_transforms_check": check[-1] if check else None, "margin": float(cfg.head.margin), "scale": float(cfg.head.scale),
+                   "steps_total": steps, "fast_transforms_check": check[-1] if check else None,
+                   "margin": float(cfg.head.margin), "scale": float(cfg.head.scale),
                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "loadavg": os.getloadavg()}
             line = emit(rec)
             recs.append(rec)
@@ -234,7 +235,8 @@ def export_generator(a, ours_workdir: str, out_npz: str) -> dict:
         off += ref[k].size
     np.savez(out_npz, **out)
     back = unet.import_torch_state_dict(out, {"params": ours}, prefix=prefix)["params"]
-    same = all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(ours)))
+    same = all(np.array_equal(np.asarray(x), np.asarray(y))
+               for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(ours)))
     if not same:
         raise SystemExit("export: importing the exported generator does not give ours back")
     return {"ours_stage1_workdir": os.path.abspath(ours_workdir), "ours_stage1_step": step,
