@@ -161,7 +161,8 @@ def run_stage(a, stage, cfg, tmp, seed, stage1_state="", out_lines=None):
                      if line.startswith('{"fast_transforms_check"')]
             rec = {"bench": "ref_minusface_demo", "side": "reference", "stage": stage, "step": st,
                    "frozen_generator": None if stage == "stage1" else (
-                       f"ours, exported: {os.path.abspath(a.ours_stage1)}" if a.ours_stage1 else "the reference's stage 1"),
+                       f"ours, exported: {os.path.abspath(a.ours_stage1)}" if a.ours_stage1
+                       else "the reference's stage 1"),
                    "batch_size": int(cfg.batch_size), "devtest_accuracy": r["accuracy"], "devtest_std": r["std"],
                    "train_loss_fr_mean": float(np.mean([x["loss_fr"] for x in win])) if win else None,
                    "train_loss_gen_mean": float(np.mean([x["loss_gen"] for x in win])) if win else None,
