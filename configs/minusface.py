@@ -50,7 +50,7 @@ near chance, and the reference trained the same way"): stage 1 42 steps -> DevTe
 x4 (336 steps) 58.2% ± 5.3, training top-1 still 0. The PyTorch reference trained with these
 settings on the same batches and the same frozen generator (``bench/ref_minusface_demo.py``, its
 checkpoints verified by our evaluator) is at chance too: 55.2% at 42 steps, 54.5% ± 3.3 at 84
-(with the x4 schedule: 52.2% at 42 steps; the rest did not fit in the session). Neither side
+(with the x4 schedule: 52.2% at 42 steps, 52.4% at 84; the rest did not fit in the session). Neither side
 reaches the issue's 75% at these budgets; the RGB baseline of the same budget reaches 80.1%.
 
 (stage 2's ``demo`` reads ``runs/minusface_stage1_demo`` unless
