@@ -3,7 +3,7 @@
     python bench/privacy_spread.py --workdir DIR --config configs/privacy.py:demo,... [--config.x=y ...] \\
         [--out FILE] [--pairs 500]
 
-Runs ``ppfr_jax.privacy.main`` unchanged (same rows, attacker, metrics, privacy.json / privacy.md /
+Runs ``ppfr-privacy`` (``ppfr_jax.cli.privacy.main``) unchanged (same rows, attacker, metrics, privacy.json / privacy.md /
 grids in ``--workdir``) and records, for every row, what ``run_attack`` recovered on the held-out faces:
 
 * ``recovered_pixel_std``: the std of each pixel across the recovered faces, averaged over pixels and
@@ -45,9 +45,10 @@ def main(argv=None):
     ap.add_argument("--pairs", type=int, default=500)
     a, rest = ap.parse_known_args(argv)
     from ppfr_jax import privacy
+    from ppfr_jax.cli import privacy as privacy_cli
 
     seen = []
-    original = privacy.run_attack
+    original = privacy.suite.run_attack  # the suite's own reference: the one run_privacy calls
 
     def run_attack(rep, attacker, eval_set, key, **kw):
         res = original(rep, attacker, eval_set, key, **kw)
@@ -64,8 +65,8 @@ def main(argv=None):
               f"pairwise PSNR {rec['pairwise_psnr']:.2f} dB (originals {orig['pairwise_psnr']:.2f})", flush=True)
         return res
 
-    privacy.run_attack = run_attack
-    rc = privacy.main(rest)
+    privacy.suite.run_attack = run_attack
+    rc = privacy_cli.main(rest)
     wd = rest[rest.index("--workdir") + 1] if "--workdir" in rest else \
         next(x.split("=", 1)[1] for x in rest if x.startswith("--workdir="))
     out = json.load(open(os.path.join(wd, "privacy.json")))

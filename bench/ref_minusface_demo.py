@@ -12,11 +12,11 @@ does for ours) are trained by the reference (``bench/ref_minusface_train.py`` in
 outside this checkout): its ``MinusBackbone`` at the demo's sizes, its ArcFace head (s=32, m=0.3,
 128-d), SGD with our schedule's LR at every step, generator x0.1 in stage 1, its own
 ``torch.randperm`` shuffle per sample per step in stage 2, on exactly the batches our demo pipeline
-yields (same faces, order and flips; taken from ``train.train_source`` here and handed over).
+yields (same faces, order and flips; taken from ``data.train_source`` here and handed over).
 
 Measured with our yardstick: each saved reference state_dict (every ``--eval-every`` steps) is
 imported into our model (``minusface.import_torch_state_dict``, as ``bench/train_parity.py`` does)
-and verified on DevTest by our evaluator (``train.run_verification``, our stage-2 task's fixed
+and verified on DevTest by our evaluator (``train.make_evaluator``, our stage-2 task's fixed
 evaluation permutations ``eval_permutations``, no flip: what ``configs/minusface.py:stage2,demo``
 reports). The stage-1 import is also written as a workdir (``WORKDIR/s1_import``: config.json +
 an engine checkpoint) so ``bench/minusface_demo.py --stage1 WORKDIR/s1_import`` reports its
@@ -61,13 +61,13 @@ def demo_config(stage: str, stretch: float, stage1_workdir: str = "", max_steps:
 
 def batches_and_lrs(cfg, path: str):
     """Our demo pipeline's batches for the whole run -> ``path`` (npz); -> (LR per step, num_classes, steps)."""
-    from ppfr_jax import train
-    mesh = train.create_mesh(cfg)
-    gb = train.global_batch_size(cfg, mesh)
-    it, num_classes, size = train.train_source(cfg, gb, 0)
-    spe = train.steps_per_epoch(cfg, size, gb)
+    from ppfr_jax import data, optim, sharding
+    mesh = sharding.create_mesh(cfg)
+    gb = sharding.global_batch_size(cfg, mesh)
+    it, num_classes, size = data.train_source(cfg, gb, 0)
+    spe = optim.steps_per_epoch(cfg, size, gb)
     steps = int(cfg.num_train_steps) if cfg.get("num_train_steps", 0) else int(round(cfg.num_epochs * spe))
-    sched = train.make_schedule(cfg, spe)
+    sched = optim.make_schedule(cfg, spe)
     lrs = [float(sched(i)) for i in range(steps)]
     if not os.path.exists(path):
         imgs, labs = [], []
@@ -98,13 +98,12 @@ class Importer:
     """Our task built from ``cfg`` (one of the demo stages); reference state_dicts -> our variables -> DevTest."""
 
     def __init__(self, cfg, num_classes):
-        from ppfr_jax import train
+        from ppfr_jax import sharding, train
         self.cfg = cfg
-        self.mesh = train.create_mesh(cfg)
+        self.mesh = sharding.create_mesh(cfg)
         self.setup = train.build(cfg, num_classes, 10 * cfg.batch_size, self.mesh)
         self.state = jax.device_get(train.init_state(self.setup, jax.random.key(0)))
-        self.embed = train.make_embed_fn(self.setup.task, self.mesh)
-        self.eval_data = train.eval_source(cfg)
+        self.evaluator = train.make_evaluator(cfg, self.setup)
 
     def variables(self, sd: dict) -> dict:
         from train_parity import import_state
@@ -114,9 +113,7 @@ class Importer:
         return {"params": params, **{**self.state.model_state, **ms}}
 
     def verify(self, variables) -> dict:
-        from ppfr_jax import train
-        return train.run_verification(self.embed, variables, self.eval_data[0], self.eval_data[1], self.mesh,
-                                      self.cfg.eval.batch_size)
+        return self.evaluator.run(variables)
 
     def save_workdir(self, variables, workdir: str):
         """config.json + an engine checkpoint of ``variables``: a workdir stage 2 / minusface_demo.py can read."""
@@ -202,7 +199,8 @@ def export_generator(a, ours_workdir: str, out_npz: str) -> dict:
     imported by our ``unet.import_torch_state_dict``, and where each value lands says where each of our
     weights goes back. Checked: importing the exported state_dict gives our generator exactly.
     """
-    from ppfr_jax import train
+    from ppfr_jax import checkpoints
+    from ppfr_jax.methods.minusface import generator_params
     from ppfr_jax.models import unet
     cfg = demo_config("stage1", 1.0)
     d = os.path.dirname(out_npz)
@@ -218,8 +216,8 @@ def export_generator(a, ours_workdir: str, out_npz: str) -> dict:
     for k in sorted(ref):
         probe[k] = (off + np.arange(ref[k].size, dtype=np.float64)).reshape(ref[k].shape)
         off += ref[k].size
-    variables, step = train.restore_variables(ours_workdir)
-    ours = variables["params"]["generator"]
+    variables, step = checkpoints.restore_variables(ours_workdir)
+    ours = generator_params(variables)
     target = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.float64), ours)}
     where = unet.import_torch_state_dict(probe, target, prefix=prefix)["params"]
     flat_ref = np.zeros(off, np.float64)
