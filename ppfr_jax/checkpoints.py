@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ppfr_jax.config_lib import ConfigError
 from ppfr_jax.errors import RunError
 
 
@@ -114,6 +115,12 @@ def check_checkpoint_matches(step_dir, abstract_state, num_classes: int) -> bool
     stored = {getattr(m, "name", None): tuple(m.shape) for m in jax.tree.leaves(tree) if hasattr(m, "shape")}
     want = {_leaf_name(p): tuple(l.shape) for p, l in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
     missing, extra = sorted(set(want) - set(stored)), sorted(set(stored) - set(want))
+    if (any(m.startswith("model_state.frozen.generator.") for m in missing)
+            and any(e.startswith("params.generator.") for e in extra)):
+        raise CheckpointMismatch(
+            f"{step_dir} is a MinusFace stage-2 checkpoint written before the frozen generator moved from "
+            f"params/generator to frozen/generator: it still deploys and evaluates (ppfr-protect, ppfr-eval, "
+            f"ppfr-privacy read both layouts), but to train further start a new workdir")
     if missing or extra:
         raise CheckpointMismatch(
             f"{step_dir} holds another model: {len(missing)} variable(s) of this config are not in it "
@@ -389,6 +396,6 @@ def load_frozen(workdir: str, path: tuple[str, ...] | Mapping[str, tuple[str, ..
         want_s = jax.tree.map(lambda a: tuple(a.shape), want)
         if got_s != want_s:
             where = ", ".join("/".join(k) for k in path.values()) if named else "/".join(path)
-            raise ValueError(f"{field}={workdir!r}: {where} saved at step {step} does not have the shapes "
+            raise ConfigError(f"{field}={workdir!r}: {where} saved at step {step} does not have the shapes "
                              f"this config needs" + (f"; {mismatch_hint}" if mismatch_hint else ""))
     return part, step

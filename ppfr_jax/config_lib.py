@@ -63,7 +63,10 @@ def load_config_spec(spec: str, error: type[Exception] = ValueError) -> ml_colle
     mod_spec.loader.exec_module(mod)
     if not hasattr(mod, "get_config"):
         raise error(f"--config {spec!r}: {path} has no get_config()")
-    return mod.get_config(arg or None)
+    try:
+        return mod.get_config(arg or None)
+    except ValueError as e:  # a bad variant argument: the config file's own message, naming the spec
+        raise error(f"--config {spec!r}: {e}") from None
 
 
 PIPELINE_STAGES = {"duetface": ("client", "server"), "minusface": ("stage1", "stage2")}

@@ -12,6 +12,8 @@ from __future__ import annotations
 import jax
 import optax
 
+from ppfr_jax.config_lib import ConfigError
+
 
 def steps_per_epoch(config, dataset_size: int, global_batch: int) -> int:
     if config.get("steps_per_epoch", 0):
@@ -51,7 +53,7 @@ def make_optimizer(config, task, params, schedule) -> optax.GradientTransformati
     used = set(jax.tree.leaves(labels))
     unknown = used - set(groups)
     if unknown:
-        raise ValueError(f"config.optim.lr_multipliers: no entry for parameter group(s) {sorted(unknown)}")
+        raise ConfigError(f"config.optim.lr_multipliers: no entry for parameter group(s) {sorted(unknown)}")
     tx = optax.multi_transform(groups, labels)
     if o.get("grad_clip_norm", 0.0):
         tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)

@@ -32,6 +32,7 @@ import numpy as np
 
 from ppfr_jax import config_lib
 from ppfr_jax.config_lib import PIPELINE_STAGES, ConfigError
+from ppfr_jax.errors import RunError
 
 RESULTS = "results.json"
 REPORT = "report.md"
@@ -427,6 +428,9 @@ def run_pipeline(config, workdir: str, *, log: Callable[[str], None] | None = No
             log(f"pipeline: privacy attack on {p.stages[-1]}'s view, {pc.attacker.steps} attacker steps, in {pdir}")
             prec = run_privacy(pc, pdir, log=progress.privacy_log(log))
             prec = _read_json(os.path.join(pdir, "privacy.json")) or prec  # what the file says (JSON types)
+        if not prec.get("rows"):
+            raise RunError(f"the privacy attack in {pdir} evaluated no row: "
+                           f"{prec.get('skipped') or 'no reason given'}")
         row = prec["rows"][0]
         ref = prec.get("reference_accuracy") or {}
         privacy = {

@@ -169,3 +169,16 @@ def test_real_lfw_alignment_residual(shared_dir):
     resid = np.linalg.norm(align.transform_points(tab[key], m) - align.ARCFACE_112, axis=1)
     assert face.shape == (112, 112, 3)
     assert resid.max() < 8.0, resid
+
+
+def test_cli_missing_or_malformed_landmark_table(tmp_path, capsys):
+    from PIL import Image
+    (tmp_path / "in" / "Ann").mkdir(parents=True)
+    Image.new("RGB", (250, 250)).save(tmp_path / "in" / "Ann" / "Ann_0001.jpg")
+    args = ["--images", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--landmarks"]
+    assert align_cli.main(args + [str(tmp_path / "missing.tsv")]) == 2
+    assert capsys.readouterr().err.strip() == f"ppfr-align: error: --landmarks {tmp_path / 'missing.tsv'}: no such file"
+    (tmp_path / "bad.tsv").write_text("Ann/Ann_0001.jpg 1 2 3\n")
+    assert align_cli.main(args + [str(tmp_path / "bad.tsv")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"ppfr-align: error: --landmarks {tmp_path / 'bad.tsv'}: ") and ":1:" in err, err

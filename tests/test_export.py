@@ -459,3 +459,16 @@ def test_workdir_export_protect_verify(method, faces, tmp_path, capsys):
                                  "--out", str(tmp_path / "via_onnx"), "--keep-names"]) == 0
         assert cli_verify.main(["--workdir", second, str(out / "alice_1.npz"),
                                 str(tmp_path / "via_onnx" / "bob_1.npz")]) == 0
+
+
+def test_a_pipeline_config_or_a_bad_variant_is_one_line(tmp_path, capsys):
+    """A whole-pipeline config names the stage to deploy; a bad variant argument names the spec (no traceback)."""
+    pipe = os.path.join(ROOT, "configs", "duetface.py") + ":tiny"
+    assert cli_export.main(["--config", pipe, "--untrained", "--out", str(tmp_path / "c.onnx")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ppfr-export: error: the config is a whole pipeline"), err
+    assert "configs/duetface.py:server,demo" in err[0]
+    bad = os.path.join(ROOT, "configs", "minusface.py") + ":stage2,tiny,bogus=1"
+    assert cli_export.main(["--config", bad, "--untrained", "--out", str(tmp_path / "c.onnx")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"ppfr-export: error: --config {bad!r}: "), err

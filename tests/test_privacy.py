@@ -259,3 +259,12 @@ def test_cli_needs_a_workdir(capsys):
     from ppfr_jax.cli import privacy as privacy_cli
     assert privacy_cli.main(["--config", str(ROOT / "configs" / "privacy.py") + ":tiny"]) == 2
     assert capsys.readouterr().err.startswith("ppfr-privacy: error: --config and --workdir are required")
+
+
+def test_cli_help_and_a_mistyped_flag(capsys):
+    from ppfr_jax.cli import privacy as privacy_cli
+    assert privacy_cli.main(["--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: ppfr-privacy --config")
+    assert privacy_cli.main(["--workdri", "x", "--config", str(ROOT / "configs" / "privacy.py") + ":tiny"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ppfr-privacy: error: Unknown command line flag 'workdri'"), err

@@ -120,7 +120,12 @@ def _main(argv: list[str] | None = None) -> int:
         return error_exit(PROG, f"no images under {root}")
     if a.landmarks is None:
         return _detect_all(a, files, root)
-    lookup = align.LandmarkLookup(align.read_landmarks_tsv(a.landmarks))
+    try:
+        lookup = align.LandmarkLookup(align.read_landmarks_tsv(a.landmarks))
+    except FileNotFoundError:
+        return error_exit(PROG, f"--landmarks {a.landmarks}: no such file")
+    except (OSError, ValueError) as e:  # unreadable, or a malformed row (the message names the line)
+        return error_exit(PROG, f"--landmarks {a.landmarks}: {e}")
     jobs, missing = [], []
     for f in files:
         rel = f.relative_to(root).as_posix()

@@ -25,7 +25,14 @@ def _main(argv: list[str] | None = None) -> int:
     flags.DEFINE_string("workdir", None, "where privacy.json, privacy.md, the PNG grids and TensorBoard go",
                         flag_values=fv)
     argv = list(sys.argv if argv is None else [PROG] + list(argv))
-    rest = fv(argv)
+    if any(a in ("-h", "--help", "--helpshort") for a in argv[1:]):
+        print(f"usage: {PROG} --config configs/privacy.py[:variant,...] --workdir DIR [--config.FIELD=VALUE ...]\n"
+              f"\n{__doc__.strip()}\n\nflags:\n{fv.main_module_help() or fv}")
+        return 0
+    try:
+        rest = fv(argv)
+    except flags.Error as e:  # an unknown or malformed flag, a config file that does not load
+        return error_exit(PROG, e)
     if len(rest) > 1:
         return error_exit(PROG, f"unexpected arguments {rest[1:]}")
     if fv.config is None or not fv.workdir:

@@ -349,9 +349,13 @@ def load_deployment(workdir: str | None = None, *, config: ml_collections.Config
             raise DeployError(f"--workdir {workdir}: {e}") from None
         source = f"{os.path.abspath(workdir)} (step {step})"
     elif untrained and config is not None:
-        source, step = f"untrained {config.task} (seed {seed})", None
+        source, step = f"untrained {config.get('task', '')} (seed {seed})", None
     else:
         raise DeployError("give a run (--workdir RUNDIR), or --config configs/...py:variant --untrained")
+    if "pipeline" in config and "task" not in config:
+        raise DeployError("the config is a whole pipeline (every stage of a method); deployment needs the stage "
+                          "that serves: e.g. --config configs/duetface.py:server,demo, or --workdir "
+                          "<pipeline workdir>/server (DuetFace) / <pipeline workdir>/stage2 (MinusFace)")
     task = config.get("task", "")
     if task not in methods.TASK_METHOD:
         raise DeployError(f"{source}: config.task={task!r} is not deployable; the client/server split exists for "

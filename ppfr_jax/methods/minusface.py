@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from ppfr_jax import checkpoints, frequency, losses, tasks
+from ppfr_jax.config_lib import ConfigError
 from ppfr_jax.errors import PpfrError
 from ppfr_jax.methods.contract import take
 from ppfr_jax.models import unet
@@ -233,7 +234,7 @@ class MinusFaceStage2(MinusFaceTask):
         except (FileNotFoundError, ValueError):
             s1_scale = None  # a checkpoint without its run's config (e.g. imported): nothing to check against
         if s1_scale is not None and s1_scale != float(mf.get("generator_scale", 1.0)):
-            raise ValueError(
+            raise ConfigError(
                 f"config.minusface.generator_scale={mf.get('generator_scale', 1.0)} does not match the stage-1 run "
                 f"in {wd!r} (generator_scale={s1_scale}); the frozen generator computes scale * U(x / scale), so "
                 f"use --config.minusface.generator_scale={s1_scale}")

@@ -82,7 +82,8 @@ def spec(name: str, role: str | None = None) -> ModelSpec:
     """The entry of ``name``. Raises UnknownBackboneError naming the known ones (of ``role``, if given)."""
     known = [n for n, s in BACKBONES.items() if role is None or s.role == role]
     if name not in known:
-        raise UnknownBackboneError(f"unknown {role or 'model'} {name!r}; choose one of {known}")
+        hint = " (renamed ir_se50, TFace's name: edit the run's config.json)" if name == "irse50" else ""
+        raise UnknownBackboneError(f"unknown {role or 'model'} {name!r}{hint}; choose one of {known}")
     return BACKBONES[name]
 
 

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from ppfr_jax import data
+from ppfr_jax.config_lib import ConfigError
 from ppfr_jax.privacy.attacker import load_eval_set, load_recognizer, recognizer_accuracy, run_attack, train_attacker
 from ppfr_jax.privacy.metrics import PSNR_CAP
 from ppfr_jax.privacy.report import grid_file_name, make_grid, markdown_table
@@ -27,7 +28,7 @@ def _representations(config, rng, log) -> tuple[list[tuple[Representation, list]
     rows = list(config.rows)
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
-        raise ValueError(f"config.rows: unknown row(s) {unknown}; choose from {ROWS}")
+        raise ConfigError(f"config.rows: unknown row(s) {unknown}; choose from {ROWS}")
     out, skipped = [], {}
     r_duet, r_minus = jax.random.split(rng)
     mf: Any = None  # the MinusFace generator (or why it is unavailable), shared by both MinusFace rows
