@@ -63,13 +63,8 @@ def pipeline(a):
                          "with baseline=, baseline_workdir=, attack_steps=; name a stage ('client' or 'server') "
                          "for the other settings")
     size = "tiny" if a.tiny else "demo"
-    here = pathlib.Path(__file__).parent
-    privacy = config_lib.load_config_spec(f"{here / 'privacy.py'}:{size},rows=duetface")
-    privacy.allow_untrained = False  # the pipeline trains the run the attack reads
-    privacy.recognizer.checkpoint = config_lib.CASIA_CHECKPOINT  # skipped with the reason when absent
-    privacy.attacker.steps = a.attack_steps or (200 if size == "demo" else 2)
-    baseline = config_lib.load_config_spec(f"{here / 'arcface.py'}:tiny" if a.tiny else
-                                           f"{here / 'arcface.py'}:demo,match=duetface")
+    privacy, baseline = config_lib.pipeline_attack_and_baseline(pathlib.Path(__file__).parent, "duetface", size,
+                                                                 a.attack_steps)
     return config_lib.pipeline_config(
         "duetface", {"client": get_config(f"client,{size}"), "server": get_config(f"server,{size}")},
         baseline_config=baseline, privacy_config=privacy, baseline=a.baseline, baseline_workdir=a.baseline_workdir,

@@ -84,13 +84,8 @@ def pipeline(a):
                          "and 'tiny' only, with baseline=, baseline_workdir=, attack_steps=; name a stage for the "
                          "other settings")
     size = "tiny" if a.tiny else "demo"
-    here = pathlib.Path(__file__).parent
-    privacy = config_lib.load_config_spec(f"{here / 'privacy.py'}:{size},rows=minusface")
-    privacy.allow_untrained = False  # the pipeline trains the run the attack reads
-    privacy.recognizer.checkpoint = config_lib.CASIA_CHECKPOINT  # skipped with the reason when absent
-    privacy.attacker.steps = a.attack_steps or (200 if size == "demo" else 2)
-    baseline = config_lib.load_config_spec(f"{here / 'arcface.py'}:tiny" if a.tiny else
-                                           f"{here / 'arcface.py'}:demo,match=minusface")
+    privacy, baseline = config_lib.pipeline_attack_and_baseline(pathlib.Path(__file__).parent, "minusface", size,
+                                                                 a.attack_steps)
     return config_lib.pipeline_config(
         "minusface", {"stage1": get_config(f"stage1,{size}"), "stage2": get_config(f"stage2,{size}")},
         baseline_config=baseline, privacy_config=privacy, baseline=a.baseline, baseline_workdir=a.baseline_workdir,

@@ -75,6 +75,22 @@ CASIA_CHECKPOINT = str(pathlib.Path(__file__).resolve().parents[2] / "shared" / 
                        / "mobilefacenet_casia_xiaoccer" / "068.ckpt")
 
 
+def pipeline_attack_and_baseline(configs_dir, method: str, size: str, attack_steps: int = 0):
+    """The demo/tiny pipeline's privacy config (one row, ``method``'s view, the CASIA recogniser) and its
+    equal-budget RGB baseline (``arcface.py:demo,match=<method>``, or ``:tiny``), read from ``configs_dir``.
+
+    -> ``(privacy_config, baseline_config)``; ``attack_steps`` 0: 200 attacker steps for demo, 2 for tiny.
+    """
+    configs_dir = pathlib.Path(configs_dir)
+    privacy = load_config_spec(f"{configs_dir / 'privacy.py'}:{size},rows={method}")
+    privacy.allow_untrained = False  # the pipeline trains the run the attack reads
+    privacy.recognizer.checkpoint = CASIA_CHECKPOINT  # skipped with the reason when absent
+    privacy.attacker.steps = attack_steps or (200 if size == "demo" else 2)
+    baseline = load_config_spec(f"{configs_dir / 'arcface.py'}:tiny" if size == "tiny" else
+                                f"{configs_dir / 'arcface.py'}:demo,match={method}")
+    return privacy, baseline
+
+
 def pipeline_config(method: str, stages: dict, *, baseline_config, privacy_config, baseline: bool = True,
                     baseline_workdir: str = "", estimates_s: dict | None = None,
                     grid_rows: int = 6) -> ml_collections.ConfigDict:
