@@ -196,3 +196,30 @@ def test_class_sharded_head_finite_gradients_at_the_boundary():
         loss, (ge, gk) = grads(e_sh, k_sh)
         assert len(gk.sharding.device_set) == 8
         assert np.isfinite(float(loss)) and np.isfinite(np.asarray(ge)).all() and np.isfinite(np.asarray(gk)).all(), kind
+
+
+@pytest.mark.parametrize("spec", ["arcface.py:tiny", "minusface.py:stage1,tiny"])
+def test_training_accuracy_is_top1_on_plain_cosines(spec):
+    """``metrics['accuracy']`` is the reference's prec@1 (torchkit ``accuracy_dist`` on ``original_outputs``):
+    top-1 of the cosines without the margin. On the margin logits a batch whose every face is nearest its own
+    centre can score 0 (ArcFace m=1.5 here turns a target cosine of 1 into cos(1.5) = 0.07), which is how the
+    MinusFace stage-2 demo logged 0.000 for hundreds of steps."""
+    import os
+    from ppfr_jax import config_lib, methods
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    c = config_lib.load_config_spec(os.path.join(root, spec))
+    c.head.margin = 1.5
+    n = 6
+    task = methods.make_task(c, n)
+    images = jax.random.randint(jax.random.key(1), (n, 112, 112, 3), 0, 256).astype(jnp.uint8)
+    labels = jnp.arange(n, dtype=jnp.int32)
+    v = task.init(jax.random.key(0), images, labels)
+    params = dict(v["params"])
+    state = {k: val for k, val in v.items() if k != "params"}
+    emb = task.embed(v, images)  # inference mode = loss(train=False)
+    # each class centre is its own face's embedding: every plain cosine ranks the face right
+    params["head"] = {"kernel": jnp.asarray(emb, jnp.float32).T}
+    cos = np.asarray(heads.cosine_logits(emb, params["head"]["kernel"]))
+    assert (np.argmax(cos, 1) == np.arange(n)).all() and np.max(cos[~np.eye(n, dtype=bool)]) > np.cos(1.5)
+    _, (metrics, _) = task.loss(params, state, {"image": images, "label": labels}, jax.random.key(2), train=False)
+    assert float(metrics["accuracy"]) == 1.0

@@ -151,12 +151,12 @@ class MinusFaceTask(tasks.RecognitionTask):
         head_vars = {"params": params["head"]}
         if "head_state" in model_state:
             head_vars["head_state"] = model_state["head_state"]["head"]
-        (logits, _), hs = self.head.apply(head_vars, out["x_feature"].astype(jnp.float32), batch["label"],
-                                          train=train, rngs={"sample": r_h}, mutable=["head_state"])
+        (logits, origin), hs = self.head.apply(head_vars, out["x_feature"].astype(jnp.float32), batch["label"],
+                                               train=train, rngs={"sample": r_h}, mutable=["head_state"])
         if "head_state" in model_state:
             new_state["head_state"] = {"head": hs["head_state"]}
         terms = self.objective(x, out["x_encode"], out["x_latent"], logits, batch["label"])
-        metrics = dict(terms, accuracy=losses.top1_accuracy(logits, batch["label"]))
+        metrics = dict(terms, accuracy=losses.top1_accuracy(origin, batch["label"]))  # plain cosines, as tasks.py
         return terms["loss"], (metrics, new_state)
 
     # -- inference ------------------------------------------------------------------------------
