@@ -12,6 +12,11 @@ Reads the finished runs (their checkpoints and ``results.json``) and prints one 
 * ``residue_psnr``: the decoded residue ``2 idct(x - g(x)) - 1`` against X (what stage 1's
   recogniser sees, as a picture).
 * ``xp_psnr`` / ``xp_ssim``: stage 2's protected image X_p (fresh permutations) against X.
+* ``residue_top3_share`` / ``residue_effective_channels``: how the residue's energy (mean square
+  per DCT channel over the faces) is spread over its 192 channels: the share of the 3 largest, and
+  the participation ratio 1 / sum(p_k^2) (1 = one channel holds everything, 192 = all equal). A
+  shuffle moves whole channels, so X_p's local energy is permutation-invariant on average only when
+  many channels carry it; the DCT of a face itself is ~1.5 effective channels (its three DC maps).
 * ``stage1_accuracy``, ``stage2_accuracy``, ``baseline_accuracy`` (DevTest, with std), the
   steps and wall seconds of each run (from its ``results.json``).
 
@@ -69,6 +74,21 @@ def stage1_views(task, variables, images, key, batch_size: int = 50):
     return {k: np.concatenate([o[k] for o in out]) for k in out[0]}
 
 
+def channel_spread(task, variables, images, batch_size: int = 50) -> dict:
+    """Faces (N,112,112,3) uint8 -> {'top3_share', 'effective_channels'} of the residue's per-channel energy."""
+    from ppfr_jax import tasks
+    from ppfr_jax.methods.minusface import generator_params
+    from ppfr_jax.models import minusface
+    gen = {"params": {"generator": generator_params(variables)}}
+    energy = jax.jit(lambda x: jnp.sum(task.model.apply(gen, tasks.normalize_images(x),
+                                                        method=minusface.MinusBackbone.residue)["x_residue_up"] ** 2,
+                                       axis=(0, 1, 2)))
+    e = sum(np.asarray(energy(jnp.asarray(images[i:i + batch_size])), np.float64)
+            for i in range(0, len(images), batch_size))
+    p = e / e.sum()
+    return {"top3_share": float(np.sort(p)[::-1][:3].sum()), "effective_channels": float(1.0 / np.sum(p ** 2))}
+
+
 def report(stage1: str, stage2: str | None = None, baseline: str | None = None, out_dir: str = "",
            n_images: int = 2000) -> dict:
     """The figures described in the module docstring, as a dict; writes ``xp_grid.png`` into ``out_dir``."""
@@ -87,6 +107,9 @@ def report(stage1: str, stage2: str | None = None, baseline: str | None = None, 
         rec[f"{name}_psnr"] = float(np.mean(m["psnr"]))
         rec[f"{name}_psnr_std"] = float(np.std(m["psnr"]))
         rec[f"{name}_ssim"] = float(np.mean(m["ssim"]))
+    spread = channel_spread(task, variables, images)
+    rec["residue_top3_share"] = spread["top3_share"]
+    rec["residue_effective_channels"] = spread["effective_channels"]
     for label, wd in (("stage1", stage1), ("stage2", stage2), ("baseline", baseline)):
         r = _results(wd)
         if r:
