@@ -221,5 +221,7 @@ def test_training_accuracy_is_top1_on_plain_cosines(spec):
     params["head"] = {"kernel": jnp.asarray(emb, jnp.float32).T}
     cos = np.asarray(heads.cosine_logits(emb, params["head"]["kernel"]))
     assert (np.argmax(cos, 1) == np.arange(n)).all() and np.max(cos[~np.eye(n, dtype=bool)]) > np.cos(1.5)
+    (margin_logits, _) = task.head.apply({"params": params["head"]}, emb.astype(jnp.float32), labels)
+    assert np.mean(np.argmax(np.asarray(margin_logits), 1) == np.arange(n)) < 1.0  # the old measure falls short
     _, (metrics, _) = task.loss(params, state, {"image": images, "label": labels}, jax.random.key(2), train=False)
     assert float(metrics["accuracy"]) == 1.0
