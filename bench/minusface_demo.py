@@ -78,6 +78,19 @@ def stage1_views(task, variables, images, key, batch_size: int = 50):
     return views
 
 
+def energy_spread(energy) -> tuple[float, float]:
+    """Per-channel energy (C,) >= 0 -> (share of the 3 largest channels, participation ratio 1 / sum p_k^2).
+
+    p = energy / sum(energy). The ratio is 1 when one channel holds everything and C when all are equal.
+    Raises ValueError for a negative, non-finite or all-zero energy vector.
+    """
+    e = np.asarray(energy, np.float64).ravel()
+    if e.size == 0 or not np.all(np.isfinite(e)) or np.any(e < 0) or e.sum() <= 0:
+        raise ValueError(f"energy must be finite, >= 0 and not all zero; got {e.size} values, sum {e.sum()}")
+    p = e / e.sum()
+    return float(np.sort(p)[::-1][:3].sum()), float(1.0 / np.sum(p ** 2))
+
+
 def report(stage1: str, stage2: str | None = None, baseline: str | None = None, out_dir: str = "",
            n_images: int = 2000) -> dict:
     """The figures described in the module docstring, as a dict; writes ``xp_grid.png`` into ``out_dir``."""
@@ -96,9 +109,7 @@ def report(stage1: str, stage2: str | None = None, baseline: str | None = None, 
         rec[f"{name}_psnr"] = float(np.mean(m["psnr"]))
         rec[f"{name}_psnr_std"] = float(np.std(m["psnr"]))
         rec[f"{name}_ssim"] = float(np.mean(m["ssim"]))
-    p = v["energy"] / v["energy"].sum()  # the residue's per-channel share of its energy
-    rec["residue_top3_share"] = float(np.sort(p)[::-1][:3].sum())
-    rec["residue_effective_channels"] = float(1.0 / np.sum(p ** 2))
+    rec["residue_top3_share"], rec["residue_effective_channels"] = energy_spread(v["energy"])
     for label, wd in (("stage1", stage1), ("stage2", stage2), ("baseline", baseline)):
         r = _results(wd)
         if r:

@@ -69,3 +69,40 @@ def test_conv_layers_times_forward_and_both_gradients():
     assert rec["gflops_per_s"] == pytest.approx(3 * conv_layers.conv_flops(2, 6, 4, 5) / rec["median_ms"] / 1e6)
     with pytest.raises(SystemExit, match="HxCINxCOUT"):
         conv_layers.parse_shapes("14x256")
+
+
+def test_minusface_demo_energy_spread():
+    import minusface_demo
+    assert minusface_demo.energy_spread(np.eye(192)[5] * 7.0) == pytest.approx((1.0, 1.0))
+    top3, eff = minusface_demo.energy_spread(np.ones(192))
+    assert top3 == pytest.approx(3 / 192) and eff == pytest.approx(192.0)
+    top3, eff = minusface_demo.energy_spread([2.0, 1.0, 1.0, 0.0])  # p = (1/2, 1/4, 1/4, 0)
+    assert top3 == pytest.approx(1.0) and eff == pytest.approx(1 / (0.25 + 0.0625 + 0.0625))
+    for bad in (np.zeros(192), [1.0, -1.0], [np.nan, 1.0]):
+        with pytest.raises(ValueError, match="energy must be finite"):
+            minusface_demo.energy_spread(bad)
+
+
+def test_minusface_stage2_ablation_patches(monkeypatch):
+    # bench/minusface_stage2_ablation.py: identity permutations, and an oracle g that removes the K largest channels
+    import minusface_stage2_ablation as abl
+
+    from ppfr_jax import frequency
+    from ppfr_jax.models import minusface, unet
+    monkeypatch.setattr(frequency, "draw_permutations", frequency.draw_permutations)  # restored after the test
+    monkeypatch.setattr(minusface.MinusBackbone, "residue", minusface.MinusBackbone.residue)
+    with pytest.raises(ValueError, match="--ablation must be one of"):
+        abl.patch("shuffle_less")
+    with pytest.raises(ValueError, match="--oracle-k must be in 1..12"):
+        abl.patch("oracle", 0)
+    abl.patch("no_shuffle")
+    p = frequency.draw_permutations(jax.random.key(0), 2, 3)
+    assert p.shape == (3, 2, 192) and (np.asarray(p) == np.arange(192)).all()
+    abl.patch("oracle", 3)
+    gen = unet.UNet(in_channels=192, out_channels=192, widths=(4, 8))
+    rec = minusface.MinusBackbone(generator=gen, recognizer=None, mode="stage1")
+    x = jax.random.uniform(jax.random.key(1), (1, 112, 112, 3), minval=-1.0, maxval=1.0)
+    out, _ = rec.init_with_output(jax.random.key(2), x, method=minusface.MinusBackbone.residue)
+    r, d = np.asarray(out["x_residue_up"]), np.asarray(frequency.dct_transform(x))
+    assert (r[..., [0, 128, 64]] == 0).all() and np.array_equal(r[..., 1], d[..., 1])
+    assert np.abs(d[..., 0]).max() > 100  # the removed DC was not zero to begin with

@@ -255,6 +255,7 @@ def test_stage1_then_stage2_end_to_end(tmp_path):
     assert rep["images"] == 4 and rep["stage1_steps"] == 2 and rep["stage2_steps"] == 2
     for k in ("regeneration_psnr", "residue_psnr", "xp_psnr"):
         assert np.isfinite(rep[k]) and 0 < rep[k] <= 100, (k, rep[k])
+    assert 3 / 192 <= rep["residue_top3_share"] <= 1 and 1 <= rep["residue_effective_channels"] <= 192
     assert os.path.getsize(rep["grid"]) > 1000
 
 
