@@ -57,6 +57,11 @@ Training top-1 in the logs is now the reference's measure (plain cosines): the "
 above was taken on the margin logits. 2026-12-05 (bench/RESULTS.md, "n_duplicate and the margin-free
 head"): margin 0, 126 steps, DevTest 53.3% (n_duplicate=1) and 56.2% (n_duplicate=3), training top-1
 0.09 / 0.11; the 42-step generator's residue holds 75% of its energy in 3 of its 192 channels.
+2026-12-06 (bench/RESULTS.md, "What holds stage 2 back"): the fresh per-face shuffle is what stage 2
+must learn past, not the generator: without the shuffle (NOT protected) the same residue reaches 74.8%
+in 126 steps; the method itself learns slowly, 68.1% at 1,134 steps (95 min; 66.1% ± 2.3 at 1,260).
+``bench/minusface_stage2_ablation.py --ablation canonical --warm-start RGB_WORKDIR`` (X_p seen with
+slot order, sign and scale removed; recogniser from the RGB run) gives 59.8% at 126 steps, 62.9% at 378.
 
 (stage 2's ``demo`` reads ``runs/minusface_stage1_demo`` unless
 ``stage1_workdir=...`` is given). ``toy``: the U-Net on RGB

@@ -106,3 +106,49 @@ def test_minusface_stage2_ablation_patches(monkeypatch):
     r, d = np.asarray(out["x_residue_up"]), np.asarray(frequency.dct_transform(x))
     assert (r[..., [0, 128, 64]] == 0).all() and np.array_equal(r[..., 1], d[..., 1])
     assert np.abs(d[..., 0]).max() > 100  # the removed DC was not zero to begin with
+
+
+def test_minusface_stage2_ablation_canonical_view():
+    # the slots' order, sign and scale are gone: a re-ordered, sign-flipped, rescaled X_p gives the same view
+    import minusface_stage2_ablation as abl
+
+    from ppfr_jax import frequency
+    rng = np.random.default_rng(0)
+    base = rng.exponential(1.0, (1, 112, 112, 6)) - 1.0  # skewed maps (skewness > 0)
+    base *= np.array([3.0, 2.0, 1.2, 2.5, 0.8, 0.5])  # distinct energies
+
+    def x_p(z):  # z: (N, 112, 112, 6) YCbCr slots (offset removed) -> X_p in [0, 1], as idct_transform's end
+        z = z.reshape(1, 112, 112, 2, 3)
+        rgb = (np.einsum("nhwdc,ec->nhwde", z + 128.0, frequency._RGB_FROM_YCBCR) + frequency._RGB_OFFSET) / 255.0
+        assert 0.0 < rgb.min() and rgb.max() < 1.0  # no clamping, so the colour map is invertible
+        return jnp.asarray(rgb.reshape(1, 112, 112, 6), jnp.float32)
+
+    view = np.asarray(abl.canonical_view(x_p(base), eps=1e-8))  # eps (in 1/255 levels) would bias the rescaled copy
+    other = base[..., [4, 0, 5, 2, 1, 3]] * np.array([-1.0, 1.0, -1.0, 1.0, -1.0, 1.0]) * 0.5
+    np.testing.assert_allclose(np.asarray(abl.canonical_view(x_p(other), eps=1e-8)), view, atol=2e-3)
+    np.testing.assert_allclose(view.std(axis=(1, 2)), 1.0, atol=1e-3)
+    assert ((view ** 3).mean(axis=(1, 2)) > 0).all()
+    np.testing.assert_allclose(view[..., 0], (base[..., 0] - base[..., 0].mean()) / base[..., 0].std(), atol=2e-3)
+    with pytest.raises(ValueError, match=r"X_p must be \(N, H, W, 3 \* n_duplicate\)"):
+        abl.canonical_view(jnp.zeros((1, 112, 112, 4)))
+
+
+def test_minusface_stage2_ablation_warm_start_variables():
+    import minusface_stage2_ablation as abl
+    k_rgb, k_here = np.ones((3, 3, 3, 8)), np.full((3, 3, 9, 8), 5.0)  # stem: RGB run 3 inputs, n_duplicate=3 here
+    here = {"params": {"recognizer": {"stem": k_here, "w": np.zeros(4)}, "head": {"w": np.zeros((4, 10))}},
+            "batch_stats": {"recognizer": {"mean": np.zeros(8)}}, "frozen": {"generator": {"k": np.ones(2)}}}
+    rgb = {"params": {"backbone": {"stem": k_rgb, "w": np.arange(4.0)}, "head": {"w": np.ones((4, 10))}},
+           "batch_stats": {"backbone": {"mean": np.full(8, 2.0)}}}
+    out = abl.warm_start_variables(here, rgb)
+    stem = np.asarray(out["params"]["recognizer"]["stem"])
+    assert stem.shape == (3, 3, 9, 8) and (stem[:, :, :3] == 1).all() and (stem[:, :, 3:] == 0).all()
+    assert np.array_equal(out["params"]["recognizer"]["w"], np.arange(4.0))
+    assert (np.asarray(out["params"]["head"]["w"]) == 1).all() and (np.asarray(out["batch_stats"]["recognizer"]["mean"]) == 2).all()
+    assert out["frozen"] is here["frozen"] and (here["params"]["recognizer"]["stem"] == 5).all()  # input untouched
+    rgb["params"]["head"]["w"] = np.ones((4, 11))
+    with pytest.raises(ValueError, match=r"head/\['w'\] has shape \(4, 11\) in the RGB run, \(4, 10\) here"):
+        abl.warm_start_variables(here, rgb)
+    rgb["params"]["backbone"] = {"other": np.ones(4)}
+    with pytest.raises(ValueError, match="is not this recogniser's"):
+        abl.warm_start_variables(here, rgb)
