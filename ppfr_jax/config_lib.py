@@ -20,7 +20,7 @@ from ppfr_jax.errors import PpfrError
 
 INPUTS = ("rgb", "dct")
 HEADS = ("arcface", "cosface", "curricularface")
-DATA_SOURCES = ("demo", "tfrecord", "image_folder", "tfds", "synthetic")
+DATA_SOURCES = ("demo", "tfrecord", "image_folder", "recordio", "tfds", "synthetic")
 
 
 def parse_arg(arg: str | None, lazy: bool = False, **spec) -> ml_collections.ConfigDict:
@@ -373,6 +373,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             bad("data.path", f"{d.path!r} does not exist")
         if d.source == "tfrecord" and d.index and not _exists(d.index):
             bad("data.index", f"{d.index!r} does not exist")
+    if d.source == "recordio":
+        missing = [f for f in ("train.rec", "train.idx") if not _exists(os.path.join(d.path, f))] if d.path else []
+        if not d.path or missing:
+            bad("data.path", f"data.source='recordio' needs data.path: a folder holding train.rec and train.idx "
+                             f"(an insightface pack){f'; {d.path!r} lacks {missing}' if d.path else ''}")
     if d.source == "tfds" and not d.tfds_name:
         bad("data.tfds_name", "data.source='tfds' needs data.tfds_name")
     if d.source == "synthetic" and d.num_classes <= 0:

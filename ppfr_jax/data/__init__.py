@@ -2,6 +2,7 @@
 
 Dispatches on ``config.data.source``: ``synthetic`` (:mod:`.synthetic`, no
 TensorFlow), ``demo`` / ``image_folder`` / ``tfrecord`` (:mod:`.sources` listed,
+``recordio``: insightface packs, :mod:`.recordio`,
 :mod:`.pipeline` read through tf.data) and ``tfds`` (:mod:`.tfds`). TensorFlow
 is imported only when a tf.data source is asked for, so ``import
 ppfr_jax.data`` and the model/training core work without it; so do
@@ -19,9 +20,10 @@ from __future__ import annotations
 import importlib
 
 from ppfr_jax.data.records import BadRecordError, ShardReader, crc32c, masked_crc32c, write_tface_records
+from ppfr_jax.data.recordio import RecordIOSource, recordio_source, write_recordio_pack
 from ppfr_jax.data.synthetic import synthetic_batches
 
-__all__ = ["BadRecordError", "ShardReader", "crc32c", "masked_crc32c", "synthetic_batches", "train_source",
+__all__ = ["BadRecordError", "RecordIOSource", "recordio_source", "write_recordio_pack", "ShardReader", "crc32c", "masked_crc32c", "synthetic_batches", "train_source",
            "write_tface_records"]
 
 # name -> submodule that imports TensorFlow; loaded on first access (PEP 562)

@@ -200,8 +200,9 @@ class TrainIterator:
             else:
                 data = tf.numpy_function(read_py, [idx], tf.string, stateful=False)
                 data.set_shape([])
-                feats = tf.io.parse_single_example(data, spec)
-                img_bytes = feats["image"]
+                # recordio: read_bytes is the encoded image itself; tfrecord: a tf.train.Example
+                feats = {} if src.kind == "recordio" else tf.io.parse_single_example(data, spec)
+                img_bytes = data if src.kind == "recordio" else feats["image"]
                 if "landmarks" in feats:
                     lm = tf.reshape(feats["landmarks"], [k, 2])
                     # a bad value stops the batch; TrainIterator then names the record (Source.check)

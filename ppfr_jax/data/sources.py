@@ -407,6 +407,9 @@ def source_from_config(config) -> Source | None:
                              "or data.path pointing at it")
         root = d.path if d.path and os.path.isdir(d.path) else None
         return tface_source(index, root, skip_bad=skip_bad)
+    if d.source == "recordio":
+        from ppfr_jax.data.recordio import recordio_source
+        return recordio_source(d.path, skip_bad=skip_bad)
     if d.source == "image_folder":
         return image_folder_source(d.path, skip_bad=skip_bad, landmarks=d.get("landmarks_path") or None)
     if d.source == "tfds":
