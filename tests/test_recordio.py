@@ -29,7 +29,7 @@ def pack(tmp_path, demo_records):
     # identities renumbered 0.. so the pack is small
     ids = {lab: j for j, lab in enumerate(dict.fromkeys(l for _, l in demo_records))}
     recs = [(img, ids[lab]) for img, lab in demo_records]
-    w = recordio.write_recordio_pack(recs, tmp_path / "pack")
+    recordio.write_recordio_pack(recs, tmp_path / "pack")
     return tmp_path / "pack", recs, len(ids)
 
 
@@ -117,8 +117,6 @@ def test_truncated_record(pack):
     nxt = int(_idx(path)[N + 1][1])
     with open(path / "train.rec", "r+b") as f:
         f.truncate(nxt - 10)
-    for l in (path / "train.idx").read_text().splitlines()[N + 1:]:
-        pass
     (path / "train.idx").write_text("".join(f"{k}\t{o}\n" for k, o in _idx(path)[:N + 1]))
     with pytest.raises(sources.BadRecordError, match=rf"record {N} offset {off} .*record is truncated"):
         recordio.recordio_source(path)
