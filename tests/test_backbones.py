@@ -295,7 +295,9 @@ def test_depthwise_shifted_matches_grouped_conv(stride, padding, kernel):
     ((2, 16, 12, 5), 2, 1, 3, True),    # the case it rewrites (even H, W)
     ((2, 15, 12, 5), 2, 1, 3, False),   # odd height: lax
     ((2, 16, 12, 5), 2, 0, 1, False),   # 1x1 stride-2 shortcut: lax
-    ((2, 16, 12, 5), 1, 1, 3, False),   # stride 1: lax
+    ((2, 16, 12, 5), 1, 1, 3, False),   # stride 1, narrow input: lax
+    ((2, 11, 9, 40), 1, 1, 3, True),    # stride 1, >= WIDE_INPUT_CHANNELS inputs: dot weight gradient
+    ((2, 11, 9, 40), 1, 0, 3, False),   # same channels, no padding: lax
 ])
 def test_cpu_strided_conv_matches_lax(shape, stride, padding, kernel, sub):
     """``cpu_strided_conv`` (what ``layers.conv`` uses on the CPU) == lax, values and both gradients."""
@@ -317,6 +319,25 @@ def test_cpu_strided_conv_matches_lax(shape, stride, padding, kernel, sub):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
     jaxpr = str(jax.make_jaxpr(jax.grad(lambda x: loss(layers.cpu_strided_conv, x, w)[0]))(x))
     assert ("custom_vjp_call" in jaxpr) == sub
+
+
+def test_conv3x3_weight_grad_is_the_lax_weight_gradient():
+    """The nine taps from one product == lax's weight gradient, tap by tap, channel by channel."""
+    from ppfr_jax.models import layers
+
+    x = jax.random.normal(jax.random.key(0), (3, 7, 5, 33))
+    g = jax.random.normal(jax.random.key(1), (3, 7, 5, 4))
+    w = jnp.zeros((3, 3, 33, 4))
+    ref = jax.vjp(lambda k: jax.lax.conv_general_dilated(x, k, (1, 1), [(1, 1), (1, 1)],
+                                                         dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                                         precision="highest"), w)[1](g)[0]
+    got = layers.conv3x3_weight_grad(x, g, precision="highest")
+    assert got.shape == (3, 3, 33, 4)
+    # float32 sums of 3*7*5 = 105 products in another order
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    # tap (0, 0) pairs x[h, w] with g[h + 1, w + 1]: a hand-computed entry
+    want = float(jnp.sum(x[:, :-1, :-1, 2] * g[:, 1:, 1:, 3]))
+    np.testing.assert_allclose(float(got[0, 0, 2, 3]), want, rtol=1e-5)
 
 
 def test_conv_layer_uses_the_strided_cpu_path_with_the_same_params():

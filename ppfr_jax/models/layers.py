@@ -202,11 +202,56 @@ def _conv3x3_s2_bwd(precision, res, g):
 
 _conv3x3_s2.defvjp(_conv3x3_s2_fwd, _conv3x3_s2_bwd)
 
+_S1 = (1, 1)
+# stride-1 3x3 convs with at least this many input channels take the dot weight gradient
+WIDE_INPUT_CHANNELS = 32
+
+
+def conv3x3_weight_grad(x, g, precision=None):
+    """Weight gradient of a stride-1, 3x3, padding-1 NHWC conv as ONE matrix product.
+
+    ``x`` (N, H, W, I) the conv's input, ``g`` (N, H, W, O) the gradient of its output ->
+    (3, 3, I, O) HWIO. ``dW[a, b] = sum_{n,h,w} x[n, h, w] g[n, h - a + 1, w - b + 1]``, so the
+    nine shifted copies of the (narrow) output gradient side by side, (N*H*W, 9*O), contracted
+    with x viewed as (N*H*W, I) give all nine taps at once. XLA:CPU runs the same gradient as
+    a conv with the batch as its feature axis, behind two transposes of x: 1.5-3.4x slower for
+    32-192 input channels (bench/RESULTS.md, "DuetFace demo pipeline").
+    """
+    n, h, w, ci = x.shape
+    co = g.shape[-1]
+    gp = jnp.pad(g, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    d = jnp.concatenate([gp[:, 2 - a:2 - a + h, 2 - b:2 - b + w] for a in range(3) for b in range(3)], axis=-1)
+    dw = jax.lax.dot_general(x.reshape(-1, ci), d.reshape(-1, 9 * co).astype(x.dtype),
+                             (((0,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32)
+    return dw.reshape(ci, 3, 3, co).transpose(1, 2, 0, 3)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv3x3_s1(x, w, precision=None):
+    return _conv_nhwc(x, w, _S1, _PAD1, precision)
+
+
+def _conv3x3_s1_fwd(x, w, precision):
+    return _conv3x3_s1(x, w, precision), (x, w)
+
+
+def _conv3x3_s1_bwd(precision, res, g):
+    x, w = res
+    # the input gradient as lax computes it (dead code, removed by XLA, for a model's input layer)
+    dx = jax.vjp(lambda v: _conv_nhwc(v, w, _S1, _PAD1, precision), x)[1](g)[0]
+    return dx, conv3x3_weight_grad(x, g, precision).astype(w.dtype)
+
+
+_conv3x3_s1.defvjp(_conv3x3_s1_fwd, _conv3x3_s1_bwd)
+
 
 def cpu_strided_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                      dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
                      preferred_element_type=None):
-    """``lax.conv_general_dilated`` whose stride-2, 3x3, padding-1 case has a sub-pixel input gradient.
+    """``lax.conv_general_dilated`` with faster CPU gradients for two 3x3, padding-1 cases.
+
+    Stride 2: a sub-pixel input gradient. Stride 1 with at least ``WIDE_INPUT_CHANNELS`` input
+    channels: the weight gradient as one matrix product (``conv3x3_weight_grad``).
 
     Same values and gradients (tests compare them with lax). XLA computes the input gradient
     of a strided conv as a conv over an lhs-dilated (75% zero) gradient, which XLA:CPU runs
@@ -222,6 +267,9 @@ def cpu_strided_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_d
             and tuple(map(tuple, padding)) == _PAD1 and lhs.ndim == 4
             and lhs.shape[1] % 2 == 0 and lhs.shape[2] % 2 == 0):
         return _conv3x3_s2(lhs, rhs, precision)
+    if (plain and nhwc and tuple(window_strides) == _S1 and rhs.shape[:2] == (3, 3)
+            and tuple(map(tuple, padding)) == _PAD1 and lhs.ndim == 4 and lhs.shape[3] >= WIDE_INPUT_CHANNELS):
+        return _conv3x3_s1(lhs, rhs, precision)
     return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
                                         rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
                                         feature_group_count=feature_group_count,
@@ -237,8 +285,8 @@ def conv(features: int, kernel: int | tuple[int, int], stride: int = 1, padding:
     ``groups == features`` (the depthwise convs of MobileFaceNet and PFLD, where in ==
     out channels) returns :class:`DepthwiseConv`, which has the same parameters.
     ``inits``: optional ``(kernel_init, bias_init)`` (e.g. ``torch_default_init``)
-    instead of He-normal (fan-out) weights and zero biases. On the CPU, stride-2 convs
-    go through ``cpu_strided_conv`` (same parameters and values, a faster input gradient).
+    instead of He-normal (fan-out) weights and zero biases. On the CPU, stride-1 and stride-2
+    convs go through ``cpu_strided_conv`` (same parameters and values, faster gradients).
     """
     k = (kernel, kernel) if isinstance(kernel, int) else tuple(kernel)
     p = (padding, padding) if isinstance(padding, int) else tuple(padding)
@@ -256,7 +304,7 @@ def conv(features: int, kernel: int | tuple[int, int], stride: int = 1, padding:
         param_dtype=param_dtype,
         kernel_init=inits[0] if inits else _CONV_INIT,
         bias_init=inits[1] if inits else nn.initializers.zeros,
-        conv_general_dilated=cpu_strided_conv if stride == 2 and jax.default_backend() == "cpu" else None,
+        conv_general_dilated=cpu_strided_conv if stride in (1, 2) and jax.default_backend() == "cpu" else None,
         name=name,
     )
 
