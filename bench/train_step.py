@@ -57,6 +57,10 @@ CASES = {
     "duetface_int": ("duetface", "server,ir18", ("client", "pfld")),
     "minusface_stage1": ("minusface", "stage1,ir18", ()),
     "minusface_stage2": ("minusface", "stage2,ir18", ("generator",)),
+    # the demo pipelines' stages (tiny models; ``--batch 64`` is what the demo configs use)
+    "arcface_demo": ("arcface", "demo", ()),
+    "duetface_client_demo": ("duetface", "client,demo", ()),
+    "duetface_server_demo": ("duetface", "server,demo,roi=template", ("client",)),
 }
 DEFAULT_CASES = "arcface_ir18_rgb,duetface_int,minusface_stage1,minusface_stage2"
 ALL_CASES = ",".join(CASES)

@@ -262,11 +262,35 @@ def split_channels(x_dct: jax.Array, sub_chs: Sequence[int] = SUB_CHS) -> tuple[
 def merge_channels(server: jax.Array, client: jax.Array | None, sub_chs: Sequence[int] = SUB_CHS) -> jax.Array:
     """Inverse of ``split_channels``; ``client=None`` zero-fills the client channels."""
     main_idx, sub_idx = duet_channel_indices(sub_chs)
-    out = jnp.zeros(server.shape[:-1] + (NUM_CHANNELS,), server.dtype)
-    out = out.at[..., main_idx].set(server)
+    sub = [int(s) for s in sub_chs]
+    if sub != sorted(sub):
+        out = jnp.zeros(server.shape[:-1] + (NUM_CHANNELS,), server.dtype)
+        out = out.at[..., main_idx].set(server)
+        if client is not None:
+            out = out.at[..., sub_idx].set(client)
+        return out
+    # ascending sub_chs: contiguous slices of the (colour, frequency) views put side by side, as in
+    # split_channels; XLA:CPU runs a scatter over the channel axis element by element (the
+    # privacy view's decode of a batch of 64 took 4.0 s that way)
+    lead = server.shape[:-1]
+    main = sorted(set(range(NUM_FREQ)) - set(sub))
+    parts = {"m": server.reshape(*lead, 3, len(main))}
     if client is not None:
-        out = out.at[..., sub_idx].set(client)
-    return out
+        parts["s"] = client.astype(server.dtype).reshape(*lead, 3, len(sub))
+    where = {f: ("m", k) for k, f in enumerate(main)}
+    where.update({f: ("s", k) if client is not None else ("z", 0) for k, f in enumerate(sub)})
+    pieces, f = [], 0
+    while f < NUM_FREQ:
+        src, k = where[f]
+        g = f
+        while g + 1 < NUM_FREQ and where[g + 1][0] == src and (src == "z" or where[g + 1][1] == k + g + 1 - f):
+            g += 1
+        if src == "z":
+            pieces.append(jnp.zeros((*lead, 3, g + 1 - f), server.dtype))
+        else:
+            pieces.append(parts[src][..., k:k + g + 1 - f])
+        f = g + 1
+    return jnp.concatenate(pieces, axis=-1).reshape(*lead, NUM_CHANNELS)
 
 
 # --------------------------------------------------------------------------- MinusFace shuffle

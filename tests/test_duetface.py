@@ -171,6 +171,14 @@ def test_split_channels_slices_match_the_gather():
         np.testing.assert_array_equal(client, np.take(d, sub_idx, axis=-1))
         merged = frequency.merge_channels(server, client, sub)
         np.testing.assert_array_equal(merged, d)
+        # client=None: the client's frequencies zero in every colour, the rest untouched
+        zero_filled = np.asarray(frequency.merge_channels(server, None, sub))
+        want = d.copy()
+        want[..., sub_idx] = 0.0
+        np.testing.assert_array_equal(zero_filled, want)
+    # ascending SUB_CHS is merged from slices, not a scatter over the channel axis
+    jaxpr = str(jax.make_jaxpr(lambda s: frequency.merge_channels(s, None))(jnp.zeros((1, 2, 2, 162))))
+    assert "scatter" not in jaxpr
 
 
 @pytest.mark.slow

@@ -58,7 +58,9 @@ def split_input(images, sub_channels=frequency.SUB_CHS, dtype=jnp.float32):
     """uint8 / [-1, 1] RGB (N, 112, 112, 3) -> (server (N,112,112,162), client (N,112,112,30)) DCT channels."""
     x = tasks.normalize_images(images)
     server, client = frequency.split_channels(frequency.dct_transform(x), sub_channels)
-    return server.astype(dtype), client.astype(dtype)
+    # materialised once: without the barrier XLA:CPU fuses the DCT into each of its consumers
+    # (the input conv and its weight gradient) and computes it twice per training step
+    return jax.lax.optimization_barrier((server.astype(dtype), client.astype(dtype)))
 
 
 def sub_channels_of(config) -> tuple[int, ...]:
