@@ -119,13 +119,24 @@ class MarginHead(nn.Module):
       kind: 'arcface' | 'cosface' | 'curricularface'.
       padded_classes: kernel width (>= num_classes; a multiple of the class
         shard count). Defaults to num_classes.
-      sample_rate: PartialFC-style negative sampling in training: each step keeps
-        all classes present in the batch plus a random subset of the others so
-        that about ``sample_rate * num_classes`` take part in the softmax (the
-        rest are masked out). 1.0 = off.
+      sample_rate: PartialFC v2 sampling in training (insightface
+        ``partial_fc_v2.py``): the kernel's class axis is split into
+        ``num_shards`` equal shards (the devices it is sharded over); each step
+        every shard keeps ``num_sample = int(sample_rate * shard)`` columns: its
+        positives of the (global) batch first, then random negatives, sorted.
+        Only those columns are gathered, so logits are (B, num_shards *
+        num_sample) and unsampled columns get an exact zero gradient (the
+        gradient of the gather). 1.0 = off (the full softmax, same code as ever).
+        If a shard holds more positives than ``num_sample`` the extra ones are
+        dropped (their rows get label -1 and no loss); PartialFC v2 grows the
+        sample instead, which static shapes cannot.
+      num_shards: the class shard count (the devices the kernel is sharded over).
 
-    Call: ``(embeddings (B, D), labels (B,) int, train=False) -> (logits, origin_logits)``
-    both (B, padded_classes). Uses an rng stream 'sample' when sampling.
+    Call: ``(embeddings (B, D), labels (B,) int, train=False) -> (logits, origin_logits)``,
+    both (B, padded_classes); when sampling ``(logits, origin_logits, labels)``
+    with (B, num_shards * num_sample) logits and the labels remapped into that
+    index space (-1: no loss). Uses the rng stream
+    'sample' when sampling.
     """
 
     num_classes: int
@@ -136,6 +147,7 @@ class MarginHead(nn.Module):
     alpha: float = 0.1
     padded_classes: int | None = None
     sample_rate: float = 1.0
+    num_shards: int = 1
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -145,9 +157,23 @@ class MarginHead(nn.Module):
             raise ValueError(f"padded_classes={width} < num_classes={self.num_classes}")
         if embeddings.ndim != 2:
             raise ValueError(f"embeddings must be (batch, dim), got shape {embeddings.shape}")
+        if not 0.0 < self.sample_rate <= 1.0:
+            raise ValueError(f"head.sample_rate must be in (0, 1], got {self.sample_rate}")
+        if width % self.num_shards:
+            raise ValueError(f"padded_classes={width} is not a multiple of num_shards={self.num_shards}")
         kernel = self.param("kernel", nn.initializers.normal(0.01), (embeddings.shape[1], width), self.param_dtype)
+        kernel = kernel.astype(jnp.float32)
+        shard = width // self.num_shards
+        num_sample = int(self.sample_rate * shard)
+        sampled = train and num_sample < shard
+        if sampled:
+            if num_sample < 1:
+                raise ValueError(f"head.sample_rate={self.sample_rate} keeps no class of a {shard}-class shard")
+            kernel, labels, keep = self._sample(kernel, labels, width, shard, num_sample)
+        else:
+            keep = jnp.arange(width) < self.num_classes
         # the head runs in float32 even under bf16 compute: margins need the precision
-        cos = cosine_logits(embeddings.astype(jnp.float32), kernel.astype(jnp.float32))
+        cos = cosine_logits(embeddings.astype(jnp.float32), kernel)
         if self.kind == "arcface":
             out, origin = arcface_margin(cos, labels, self.scale, 0.5 if self.margin is None else self.margin,
                                          self.easy_margin)
@@ -161,18 +187,29 @@ class MarginHead(nn.Module):
                 t.value = new_t
         else:
             raise ValueError(f"unknown head kind {self.kind!r}; expected arcface, cosface or curricularface")
-        keep = jnp.arange(width) < self.num_classes
-        if train and self.sample_rate < 1.0:
-            keep = keep[None, :] & self._sample_mask(labels, width)
         out = jnp.where(keep, out, _NEG)
         origin = jnp.where(keep, origin, _NEG)
-        return out, origin
+        return (out, origin, labels) if sampled else (out, origin)
 
-    def _sample_mask(self, labels, width):
-        """Classes in the batch, plus random others, ~sample_rate * num_classes in all."""
-        positive = jnp.any(_onehot(labels, width, jnp.bool_), axis=0)
-        u = jax.random.uniform(self.make_rng("sample"), (width,))
-        n_keep = max(1, int(round(self.sample_rate * self.num_classes)))
-        # probability so that the expected count of kept negatives fills the budget
-        p = jnp.clip((n_keep - jnp.sum(positive)) / jnp.maximum(self.num_classes - jnp.sum(positive), 1), 0.0, 1.0)
-        return (positive | (u < p))[None, :]
+    def _sample(self, kernel, labels, width, shard, num_sample):
+        """PartialFC v2 per-shard sampling -> (gathered kernel (D, S*n), remapped labels (B,), keep (S*n,)).
+
+        Written on a (D, S, shard) view so that, with the class axis sharded over S devices, the score,
+        top-k and gather are per shard (batched over the sharded S axis): XLA keeps them local and no
+        device ever holds more than its (D, n) slice of centres or (B, n) slice of logits.
+        """
+        s = self.num_shards
+        cls = jnp.arange(width).reshape(s, shard)
+        positive = jnp.any(cls[None] == labels[:, None, None], axis=0)  # (S, shard), labels are global
+        u = jax.random.uniform(self.make_rng("sample"), (s, shard))
+        score = jnp.where(positive, 2.0 + u, u)  # positives first, then random negatives
+        _, idx = jax.lax.top_k(score, num_sample)
+        idx = jnp.sort(idx, axis=1)  # (S, n) local column indices, ascending as PartialFC v2
+        sub = jnp.take_along_axis(kernel.reshape(kernel.shape[0], s, shard), idx[None], axis=2)
+        g_idx = idx + (jnp.arange(s) * shard)[:, None]  # global class of each sampled column
+        # remap: position of each label in its shard's sample (-1 if it was dropped for lack of room)
+        lab_shard = labels // shard
+        hit = g_idx[lab_shard] == labels[:, None]  # (B, n)
+        new = jnp.where(jnp.any(hit, 1), lab_shard * num_sample + jnp.argmax(hit, 1), -1)
+        keep = (g_idx < self.num_classes).reshape(-1)
+        return sub.reshape(kernel.shape[0], s * num_sample), new.astype(labels.dtype), keep

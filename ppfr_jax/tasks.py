@@ -63,7 +63,9 @@ class RecognitionTask:
         h = config.head
         self.head = heads.MarginHead(
             num_classes=num_classes, kind=h.kind, scale=h.scale, margin=h.get("margin", None),
-            padded_classes=padded_classes, sample_rate=h.get("sample_rate", 1.0))
+            padded_classes=padded_classes, sample_rate=h.get("sample_rate", 1.0),
+            # the kernel's class axis is sharded over every device (sharding.state_shardings)
+            num_shards=jax.device_count() if padded_classes else 1)
 
     # -- input ---------------------------------------------------------------------------------
     def model_input(self, images, rng=None):
@@ -123,14 +125,16 @@ class RecognitionTask:
         head_vars = {"params": params["head"]}
         if "head_state" in model_state:
             head_vars["head_state"] = model_state["head_state"]["head"]
-        (logits, origin), hs = self.head.apply(head_vars, emb.astype(jnp.float32), batch["label"], train=train,
-                                               rngs={"sample": r_h}, mutable=["head_state"])
+        out, hs = self.head.apply(head_vars, emb.astype(jnp.float32), batch["label"], train=train,
+                                  rngs={"sample": r_h}, mutable=["head_state"])
+        logits, origin = out[:2]
+        labels = out[2] if len(out) == 3 else batch["label"]  # PartialFC: labels in the sampled index space
         if "head_state" in model_state:
             new_state = {**new_state, "head_state": {"head": hs["head_state"]}}
-        loss = losses.softmax_cross_entropy(logits, batch["label"])
+        loss = losses.softmax_cross_entropy(logits, labels)
         # top-1 on the plain cosines (the reference's prec@1, torchkit accuracy_dist on original_outputs):
         # on the margin logits a model that ranks every face right can still score 0
-        metrics = {"loss": loss, "accuracy": losses.top1_accuracy(origin, batch["label"])}
+        metrics = {"loss": loss, "accuracy": losses.top1_accuracy(origin, labels)}
         return loss, (metrics, new_state)
 
     def embed(self, variables, images):
