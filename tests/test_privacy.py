@@ -13,6 +13,7 @@ from PIL import Image
 
 from conftest import block_mean_recognizer
 from ppfr_jax import config_lib, evaluate, frequency, privacy
+from ppfr_jax.privacy import views
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -100,6 +101,9 @@ def test_duetface_view_has_server_channels_only(faces):
     np.testing.assert_allclose(np.asarray(inputs[..., :162]), np.asarray(server), rtol=1e-5, atol=1e-3)
     masks = np.asarray(inputs[..., 162:])
     assert masks.min() >= -1e-6 and masks.max() <= 1 + 1e-6
+    # the view's decode (from the channels it sent) is duetface_server_image's (a fresh DCT)
+    _, decoded = views.duetface_server_image(x)
+    np.testing.assert_allclose(np.asarray(protected), np.asarray(decoded), rtol=0, atol=1e-5)
     # the decoded view has no client (low-frequency) content: re-DCT it and the 30 client channels
     # hold ~1e-5 of the face's client energy (not 0: decode -> re-encode is not the identity)
     _, client_again = frequency.split_channels(frequency.dct_transform(protected * 2 - 1))

@@ -92,10 +92,11 @@ def duetface_server_view(split, variables, *, attacker_input: str = "channels",
 
     def apply(v, x, key):
         del key
-        _, decoded = duetface_server_image(x, split.sub_channels)
         r = jnp.broadcast_to(jnp.asarray(template), (x.shape[0],) + template.shape)
         sent = split.client_fn(v, x, r)
         server = sent["server_channels"]
+        # the decode of what was sent (= duetface_server_image's, without a second DCT)
+        decoded = frequency.idct_transform(frequency.merge_channels(server, None, split.sub_channels))
         size = frequency.IMAGE_SIZE
         masks = [resize_bilinear(sent[k].astype(jnp.float32), size, align_corners=False)
                  for k in split.output_names if k.startswith("attention_mask_")]
