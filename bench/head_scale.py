@@ -56,6 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--step", default="head,engine", help="head, engine or both")
     p.add_argument("--batch-per-device", type=int, default=64)
     p.add_argument("--embedding", type=int, default=512)
+    p.add_argument("--sample-rate", type=float, default=1.0,
+                   help="head.sample_rate (PartialFC v2): logits per device (global batch, int(r * C / D))")
     p.add_argument("--backbone", default="ir_tiny", help="engine step only")
     return p.parse_args(argv)
 
@@ -155,7 +157,7 @@ def run_case(step, num_classes, n, model, a) -> dict:
     if step == "engine":
         compiled, extra = _compile_engine(cfg, mesh, num_classes, gb)
     else:
-        compiled, extra = _compile_head(cfg, mesh, num_classes, padded, gb)
+        compiled, extra = _compile_head(cfg, mesh, num_classes, padded, gb, a.sample_rate)
     compile_s = time.perf_counter() - t0
     f32 = 4
     head_param = per_dev_classes * a.embedding * f32
@@ -169,7 +171,8 @@ def run_case(step, num_classes, n, model, a) -> dict:
         "expect_head_kernel_bytes": head_param,
         "expect_head_state_bytes": 2 * head_param,  # kernel + momentum (arguments; aliased to outputs)
         "expect_head_state_and_grad_bytes": 3 * head_param,
-        "expect_logits_bytes": gb * per_dev_classes * f32,
+        "sample_rate": a.sample_rate,
+        "expect_logits_bytes": gb * (int(a.sample_rate * per_dev_classes) if step == "head" else per_dev_classes) * f32,
         **extra,
     }
     return rec
@@ -196,7 +199,7 @@ def _compile_engine(cfg, mesh, num_classes, gb):
     return compiled, {"replicated_state_bytes": int(rep)}
 
 
-def _compile_head(cfg, mesh, num_classes, padded, gb):
+def _compile_head(cfg, mesh, num_classes, padded, gb, sample_rate=1.0):
     import functools
 
     import jax
@@ -206,7 +209,7 @@ def _compile_head(cfg, mesh, num_classes, padded, gb):
     from ppfr_jax import heads, losses
     h = cfg.head
     head = heads.MarginHead(num_classes=num_classes, kind=h.kind, scale=h.scale, margin=h.margin,
-                            padded_classes=padded)
+                            padded_classes=padded, sample_rate=sample_rate, num_shards=mesh.size)
     o = cfg.optim
     tx = optax.chain(optax.add_decayed_weights(o.weight_decay), optax.sgd(o.lr, momentum=o.momentum))
     d = cfg.model.embedding_size
@@ -222,8 +225,8 @@ def _compile_head(cfg, mesh, num_classes, padded, gb):
         params, opt_state = state
 
         def loss_fn(p):
-            logits, _ = head.apply({"params": p}, emb, labels, train=True)
-            return losses.softmax_cross_entropy(logits, labels)
+            out = head.apply({"params": p}, emb, labels, train=True, rngs={"sample": jax.random.key(0)})
+            return losses.softmax_cross_entropy(out[0], out[2] if len(out) == 3 else labels)
 
         loss, g = jax.value_and_grad(loss_fn)(params)
         upd, opt_state = tx.update(g, opt_state, params)
