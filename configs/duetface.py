@@ -24,11 +24,12 @@ Expected (server, IR-50, MS1Mv2): LFW 99.82, CFP-FP 97.79, AgeDB 97.93 (SPEC sec
 landmarks (``data.landmarks=True``, ROI from the dataset; verification uses
 the template ROI). The DCT input (and, for the server, the frozen client in its step) makes a step
 2-8x the RGB demo's 0.6 s
-(client ~1.2 s, server ~4.9 s per batch of 64 on 2 idle cores), so the stages are
-short: client 8 epochs (336 steps), server 4 epochs (168 steps). Measured on
-an idle 2-core CPU: client 7 min -> DevTest 80.3%, server 14 min -> 85.2%
-(the RGB baseline with the server's budget, ``configs/arcface.py:demo,match=duetface``:
-81.9%; bench/RESULTS.md)::
+(client ~1.2 s, server ~4.9 s per batch of 64 on 2 idle AMD EPYC cores; 0.6 s and 1.6 s on
+2 AVX-512 Xeon cores), so the stages are short: client 8 epochs (336 steps), server 4 epochs
+(168 steps). Measured on an idle 2-core EPYC: client 7 min -> DevTest 80.3%, server 14 min ->
+85.2% (the RGB baseline with the server's budget, ``configs/arcface.py:demo,match=duetface``:
+81.9%); the whole pipeline on the Xeon (2026-12-06, lightly loaded): client 3m51s -> 77.4%,
+server 5m55s -> 84.6%, baseline 1m25s -> 83.4%, attack 3m35s, total 14m46s (bench/RESULTS.md)::
 
     python -m ppfr_jax.main --config configs/duetface.py:client,demo --workdir runs/duetface_client_demo
     python -m ppfr_jax.main --config configs/duetface.py:server,demo --workdir runs/duetface_server_demo
@@ -68,8 +69,8 @@ def pipeline(a):
     return config_lib.pipeline_config(
         "duetface", {"client": get_config(f"client,{size}"), "server": get_config(f"server,{size}")},
         baseline_config=baseline, privacy_config=privacy, baseline=a.baseline, baseline_workdir=a.baseline_workdir,
-        # idle 2-core CPU (bench/RESULTS.md): the whole pipeline's ETA scales these by the measured speed
-        estimates_s={"client": 420, "server": 840, "baseline": 120, "privacy": 150} if size == "demo" else {},
+        # 2-core Xeon, 2026-12-06 (bench/RESULTS.md): the whole pipeline's ETA scales these by the measured speed
+        estimates_s={"client": 230, "server": 355, "baseline": 85, "privacy": 215} if size == "demo" else {},
         grid_rows=6 if size == "demo" else 3)
 
 
