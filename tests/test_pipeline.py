@@ -97,10 +97,11 @@ def test_cli_bad_pipeline_field_exits_2_without_traceback(tmp_path):
 def test_progress_eta_scales_later_phases_by_the_measured_speed():
     c = duetface.get_config("demo")
     prog = pipeline.Progress(c)
-    # the client goes at half the estimated speed: 840 s estimated -> projected 840; later phases x2
-    s = prog.suffix("client", 100.0, 2 * 420.0)
+    e = c.pipeline.estimates_s
+    # the client goes at half the estimated speed: its projected total is twice its estimate; later phases x2
+    s = prog.suffix("client", 100.0, 2 * e.client)
     assert "client ETA 1m40s" in s
-    assert f"pipeline ETA {pipeline_eta(100 + 2 * (840 + 120 + 150))}" in s
+    assert f"pipeline ETA {pipeline_eta(100 + 2 * (e.server + e.baseline + e.privacy))}" in s
     hook = prog.engine_hook("server")
     assert "server ETA" in hook(10, 20, 0.5) and "pipeline ETA" in hook(10, 20, 0.5)
 
