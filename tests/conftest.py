@@ -12,10 +12,10 @@ import pathlib
 # Multi-device tests use fake CPU devices; must be set before jax initialises.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# The commands add XLA:CPU speed flags of their own (ppfr_jax.cli.apply_cpu_xla_defaults); tests that compare a
-# command's subprocess with an in-process run bit for bit need both on the same flags, so the suite turns them
-# off (tests/test_cli_xla_defaults.py checks them with this unset).
-os.environ.setdefault("PPFR_XLA_CPU_DEFAULTS", "0")
+# The commands add CPU speed settings of their own (ppfr_jax.cli.apply_cpu_defaults: an XLA:CPU flag, and a
+# restart with a glibc malloc tunable); tests that compare a command's subprocess with an in-process run bit for
+# bit need both on the same flags, so the suite turns them off (tests/test_cli_xla_defaults.py checks them).
+os.environ.setdefault("PPFR_CPU_DEFAULTS", "0")
 # Many tests (and the subprocesses of the resume / multi-process tests) compile the
 # same programs: a persistent cache turns repeats into loads.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",

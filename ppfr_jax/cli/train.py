@@ -46,8 +46,8 @@ def _main(argv):
 
 
 def run():
-    from ppfr_jax.cli import apply_cpu_xla_defaults
-    apply_cpu_xla_defaults()  # before absl parses the config (a config file may import jax)
+    from ppfr_jax.cli import apply_cpu_defaults
+    apply_cpu_defaults()  # before absl parses the config (a config file may import jax)
     app.run(_main)
 
 
