@@ -25,11 +25,14 @@ landmarks (``data.landmarks=True``, ROI from the dataset; verification uses
 the template ROI). The DCT input (and, for the server, the frozen client in its step) makes a step
 2-8x the RGB demo's 0.6 s
 (client ~1.2 s, server ~4.9 s per batch of 64 on 2 idle AMD EPYC cores; 0.6 s and 1.6 s on
-2 AVX-512 Xeon cores), so the stages are short: client 8 epochs (336 steps), server 4 epochs
+2 AVX-512 Xeon cores; 0.31 s and 1.19 s there with the commands' CPU defaults, README), so the stages are short: client 8 epochs (336 steps), server 4 epochs
 (168 steps). Measured on an idle 2-core EPYC: client 7 min -> DevTest 80.3%, server 14 min ->
 85.2% (the RGB baseline with the server's budget, ``configs/arcface.py:demo,match=duetface``:
 81.9%); the whole pipeline on the Xeon (2026-12-06, lightly loaded): client 3m51s -> 77.4%,
-server 5m55s -> 84.6%, baseline 1m25s -> 83.4%, attack 3m35s, total 14m46s (bench/RESULTS.md)::
+server 5m55s -> 84.6%, baseline 1m25s -> 83.4%, attack 3m35s, total 14m46s; with the commands' CPU defaults
+(YNN dot/reduce flag, huge-page malloc), from a fresh clone with the README's first block, on the idle Xeon:
+client 2m33s -> 82.0%, server 4m36s -> 86.3%, baseline 1m12s -> 83.5%, attack 3m00s, total 11m21s
+(bench/RESULTS.md)::
 
     python -m ppfr_jax.main --config configs/duetface.py:client,demo --workdir runs/duetface_client_demo
     python -m ppfr_jax.main --config configs/duetface.py:server,demo --workdir runs/duetface_server_demo
@@ -70,7 +73,7 @@ def pipeline(a):
         "duetface", {"client": get_config(f"client,{size}"), "server": get_config(f"server,{size}")},
         baseline_config=baseline, privacy_config=privacy, baseline=a.baseline, baseline_workdir=a.baseline_workdir,
         # 2-core Xeon, 2026-12-06 (bench/RESULTS.md): the whole pipeline's ETA scales these by the measured speed
-        estimates_s={"client": 230, "server": 355, "baseline": 85, "privacy": 215} if size == "demo" else {},
+        estimates_s={"client": 153, "server": 276, "baseline": 72, "privacy": 180} if size == "demo" else {},
         grid_rows=6 if size == "demo" else 3)
 
 
