@@ -1,4 +1,4 @@
-"""The XLA:CPU flags every command turns on by default (ppfr_jax.cli.apply_cpu_xla_defaults)."""
+"""What every command sets up first (ppfr_jax.cli.apply_cpu_defaults): the XLA:CPU flag and the glibc malloc tunable."""
 from __future__ import annotations
 
 import os
