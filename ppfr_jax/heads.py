@@ -117,8 +117,8 @@ class MarginHead(nn.Module):
     Attributes:
       num_classes: real number of identities.
       kind: 'arcface' | 'cosface' | 'curricularface'.
-      padded_classes: kernel width (>= num_classes; a multiple of the class
-        shard count). Defaults to num_classes.
+      padded_classes: kernel width (>= num_classes; when sampling, a multiple
+        of the class shard count, else ValueError). Defaults to num_classes.
       sample_rate: PartialFC v2 sampling in training (insightface
         ``partial_fc_v2.py``): the kernel's class axis is split into
         ``num_shards`` equal shards (the devices it is sharded over); each step
@@ -159,11 +159,12 @@ class MarginHead(nn.Module):
             raise ValueError(f"embeddings must be (batch, dim), got shape {embeddings.shape}")
         if not 0.0 < self.sample_rate <= 1.0:
             raise ValueError(f"head.sample_rate must be in (0, 1], got {self.sample_rate}")
-        if width % self.num_shards:
-            raise ValueError(f"padded_classes={width} is not a multiple of num_shards={self.num_shards}")
+        if self.sample_rate < 1.0 and width % self.num_shards:  # the shards only matter when sampling
+            raise ValueError(f"head.sample_rate={self.sample_rate}: padded_classes={width} is not a multiple of "
+                             f"num_shards={self.num_shards} (PartialFC samples per equal class shard)")
         kernel = self.param("kernel", nn.initializers.normal(0.01), (embeddings.shape[1], width), self.param_dtype)
         kernel = kernel.astype(jnp.float32)
-        shard = width // self.num_shards
+        shard = width // self.num_shards if self.sample_rate < 1.0 else width
         num_sample = int(self.sample_rate * shard)
         sampled = train and num_sample < shard
         if sampled:
@@ -208,8 +209,9 @@ class MarginHead(nn.Module):
         sub = jnp.take_along_axis(kernel.reshape(kernel.shape[0], s, shard), idx[None], axis=2)
         g_idx = idx + (jnp.arange(s) * shard)[:, None]  # global class of each sampled column
         # remap: position of each label in its shard's sample (-1 if it was dropped for lack of room)
-        lab_shard = labels // shard
-        hit = g_idx[lab_shard] == labels[:, None]  # (B, n)
+        # a label < 0 (no target) stays -1: labels // shard would wrap it to the last shard
+        lab_shard = jnp.clip(labels // shard, 0, s - 1)
+        hit = (g_idx[lab_shard] == labels[:, None]) & (labels >= 0)[:, None]  # (B, n)
         new = jnp.where(jnp.any(hit, 1), lab_shard * num_sample + jnp.argmax(hit, 1), -1)
         keep = (g_idx < self.num_classes).reshape(-1)
         return sub.reshape(kernel.shape[0], s * num_sample), new.astype(labels.dtype), keep

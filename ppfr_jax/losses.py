@@ -10,21 +10,29 @@ MINUS_DEFAULT_WEIGHTS = {"gen": 5.0, "fr": 1.0, "spar": 0.0}
 
 
 def softmax_cross_entropy(logits, labels):
-    """Mean cross-entropy; ``logits`` (B, C) may be class-sharded.
+    """Mean cross-entropy over the rows with a label; ``logits`` (B, C) may be class-sharded.
 
     Same value and gradient ((softmax - onehot) / B) as the reference's
-    DistCrossEntropy. Written with a one-hot product instead of a gather so the
-    label lookup is a reduction over the (sharded) class axis.
+    DistCrossEntropy when every label is in [0, C). A label of -1 marks a row
+    without a target (PartialFC v2 dropped its positive class for lack of room,
+    ``heads.MarginHead``): it adds nothing, and the mean is over the other rows
+    (0.0 if there are none). Written with a one-hot product instead of a gather
+    so the label lookup is a reduction over the (sharded) class axis.
     """
     logits = logits.astype(jnp.float32)
     labels = jnp.reshape(labels, (-1,))
+    valid = (labels >= 0).astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
     target = jnp.sum(logits * jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype), axis=-1)
-    return jnp.mean(lse - target)
+    return jnp.sum((lse - target) * valid) / jnp.maximum(jnp.sum(valid), 1.0)
 
 
 def top1_accuracy(logits, labels):
-    return jnp.mean((jnp.argmax(logits, -1) == jnp.reshape(labels, (-1,))).astype(jnp.float32))
+    """Fraction of the rows with a label (>= 0; see ``softmax_cross_entropy``) whose argmax is it (0.0 if none)."""
+    labels = jnp.reshape(labels, (-1,))
+    valid = (labels >= 0).astype(jnp.float32)
+    hit = (jnp.argmax(logits, -1) == labels).astype(jnp.float32) * valid
+    return jnp.sum(hit) / jnp.maximum(jnp.sum(valid), 1.0)
 
 
 def l1_loss(a, b):

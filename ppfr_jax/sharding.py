@@ -49,12 +49,26 @@ def padded_num_classes(num_classes: int, num_devices: int) -> int:
     return -(-num_classes // mult) * mult
 
 
+CLASS_AXES = ("data", "model")  # the mesh axes a head kernel's class axis is sharded over
+
+
+def class_shard_count(mesh: Mesh | None = None) -> int:
+    """How many shards a head kernel's class axis is split into (PartialFC samples per shard).
+
+    The product of the ``CLASS_AXES`` sizes of ``mesh``; without one, of the mesh
+    ``create_mesh`` builds, which spans every device (``jax.device_count()``).
+    """
+    if mesh is None:
+        return jax.device_count()
+    return int(np.prod([mesh.shape[a] for a in CLASS_AXES]))
+
+
 def state_shardings(abstract_state, mesh: Mesh):
     """Head kernels (and their optimiser traces) sharded by class; everything else replicated."""
     def rule(path, leaf):
         names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
         if "head" in names and names and names[-1] == "kernel" and getattr(leaf, "ndim", 0) == 2:
-            return NamedSharding(mesh, P(None, ("data", "model")))
+            return NamedSharding(mesh, P(None, CLASS_AXES))
         return NamedSharding(mesh, P())
     return jax.tree_util.tree_map_with_path(rule, abstract_state)
 

@@ -367,7 +367,9 @@ def _train_locked(config, workdir: str, progress=None) -> dict:
                 t_log, step_log = now, step
                 if jax.process_index() == 0:
                     extra = progress(step, setup.num_steps, rate) if progress is not None else ""
-                    print(f"step {step}/{setup.num_steps} loss {summary['loss']:.4f} acc {summary['accuracy']:.3f} "
+                    acc = (f"acc {summary['accuracy']:.3f}" if "accuracy" in summary
+                           else f"acc(sampled classes) {summary.get('accuracy_sampled', float('nan')):.3f}")
+                    print(f"step {step}/{setup.num_steps} loss {summary['loss']:.4f} {acc} "
                           f"lr {summary['learning_rate']:.4g} | {rate:.2f} steps/s, ETA "
                           f"{format_duration((setup.num_steps - step) / max(rate, 1e-9))}{extra}", flush=True)
             do_eval = evaluator is not None and (is_last or (config.eval.every_steps and step % config.eval.every_steps == 0))

@@ -151,12 +151,15 @@ class MinusFaceTask(tasks.RecognitionTask):
         head_vars = {"params": params["head"]}
         if "head_state" in model_state:
             head_vars["head_state"] = model_state["head_state"]["head"]
-        (logits, origin), hs = self.head.apply(head_vars, out["x_feature"].astype(jnp.float32), batch["label"],
-                                               train=train, rngs={"sample": r_h}, mutable=["head_state"])
+        h_out, hs = self.head.apply(head_vars, out["x_feature"].astype(jnp.float32), batch["label"],
+                                    train=train, rngs={"sample": r_h}, mutable=["head_state"])
+        logits, origin = h_out[:2]
+        labels = h_out[2] if len(h_out) == 3 else batch["label"]  # PartialFC: labels in the sampled index space
         if "head_state" in model_state:
             new_state["head_state"] = {"head": hs["head_state"]}
-        terms = self.objective(x, out["x_encode"], out["x_latent"], logits, batch["label"])
-        metrics = dict(terms, accuracy=losses.top1_accuracy(origin, batch["label"]))  # plain cosines, as tasks.py
+        terms = self.objective(x, out["x_encode"], out["x_latent"], logits, labels)
+        # plain cosines, as tasks.py (over the sampled classes only under PartialFC)
+        metrics = dict(terms, **{"accuracy_sampled" if len(h_out) == 3 else "accuracy": losses.top1_accuracy(origin, labels)})
         return terms["loss"], (metrics, new_state)
 
     # -- inference ------------------------------------------------------------------------------
