@@ -97,3 +97,12 @@ def test_bad_shapes_are_named():
         F.idct_transform(jnp.zeros((1, 112, 112, 162)))
     with pytest.raises(ValueError, match="sub_chs"):
         F.duet_channel_indices((0, 0, 64))
+
+
+@pytest.mark.parametrize("sub", [(0, 0, 1), (0, 64), (-1, 2)])
+def test_merge_and_split_refuse_bad_sub_channels(sub):
+    """Duplicate or out-of-range ``sub_chs`` get a named ValueError, not a silent wrong merge."""
+    with pytest.raises(ValueError, match=r"sub_chs must be distinct frequencies in \[0, 64\)"):
+        F.merge_channels(jnp.zeros((1, 2, 2, 3 * (64 - len(sub)))), jnp.zeros((1, 2, 2, 3 * len(sub))), sub)
+    with pytest.raises(ValueError, match="sub_chs must be distinct"):
+        F.split_channels(jnp.zeros((1, 2, 2, 192)), sub)
