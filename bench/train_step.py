@@ -61,6 +61,8 @@ CASES = {
     "arcface_demo": ("arcface", "demo", ()),
     "duetface_client_demo": ("duetface", "client,demo", ()),
     "duetface_server_demo": ("duetface", "server,demo,roi=template", ("client",)),
+    "minusface_stage1_demo": ("minusface", "stage1,demo", ()),  # ``--batch 32`` is stage 1's demo batch
+    "minusface_stage2_demo": ("minusface", "stage2,demo", ("generator",)),
 }
 DEFAULT_CASES = "arcface_ir18_rgb,duetface_int,minusface_stage1,minusface_stage2"
 ALL_CASES = ",".join(CASES)
