@@ -8,6 +8,21 @@ tfrecord set (e.g. MS1Mv2):
     python -m ppfr_jax.main --config configs/arcface.py:ir50 --workdir runs/arcface_ir50 \
         --config.data.source=tfrecord --config.data.path=/data/ms1m --config.data.index=/data/ms1m.txt
 
+MS1MV2 as insightface distributes it (``faces_emore/``: ``train.rec``, ``train.idx``, ``property``
+and the verification ``.bin`` files), read without mxnet; every ``eval.every_steps`` and at the end
+the run verifies on the papers' five benchmarks (``lfw.bin``, ``cfp_fp.bin``, ``agedb_30.bin``,
+``calfw.bin``, ``cplfw.bin``; found beside ``train.rec``, or under ``--config.eval.root=DIR``), logs
+``eval/<name>/accuracy`` and keeps the best checkpoint by their mean; then IJB-C 1:1 on the release
+layout (``IJB_release/IJBC/meta``, ``loose_crop``)::
+
+    python -m ppfr_jax.main --config configs/arcface.py:ir50 --workdir runs/arcface_ir50 \
+        --config.data.source=recordio --config.data.path=/data/faces_emore --config.eval.every_steps=2000
+    ppfr-eval --model ppfr --checkpoint runs/arcface_ir50 --ijb /data/IJB_release --target IJBC \
+        --out runs/arcface_ir50/ijbc
+
+A pack without ``calfw.bin`` / ``cplfw.bin`` (the older faces_emore): name the ones it has,
+``--config.eval.sets='("lfw.bin", "cfp_fp.bin", "agedb_30.bin")'``.
+
 Expected (IR-50, MS1Mv2, 8 GPUs): LFW 99.77, CFP-FP 98.30, AgeDB 97.88 (SPEC section 5).
 
 ``demo``: a tiny IR on the embedded LFW demo set, about 10 minutes on a
@@ -52,6 +67,8 @@ def get_config(arg=None):
         c.log_every_steps = 20
         c.checkpoint_every_steps = 200
         c.eval.every_steps = 200
+    else:  # the papers' five benchmarks under eval.root (or beside a RecordIO pack's train.rec)
+        config_lib.use_paper_benchmarks(c)
     if a.match:
         if a.match not in MATCH or not a.demo:
             raise ValueError(f"configs/arcface.py: match={a.match!r} needs 'demo' and one of {sorted(MATCH)}")

@@ -18,6 +18,23 @@ training records instead, ``roi=template`` uses a constant face hull)::
 
 (the server run reads the client from ``runs/duetface_client_<size>`` unless
 ``client_workdir=...`` is given, and refuses to start without it).
+
+MS1MV2 as insightface distributes it (``faces_emore/``: ``train.rec``, ``train.idx``, ``property``
+and the ``.bin`` files; RecordIO records carry no landmarks, so the ROI comes from PFLD), verified
+every ``eval.every_steps`` and at the end on the five benchmarks (``lfw.bin``, ``cfp_fp.bin``,
+``agedb_30.bin``, ``calfw.bin``, ``cplfw.bin``, beside ``train.rec`` or under ``--config.eval.root``;
+``eval/<name>/accuracy``, the best checkpoint by their mean), then IJB-B and IJB-C 1:1::
+
+    python -m ppfr_jax.main --config configs/duetface.py:client,ir50 --workdir runs/duetface_client_ir50 \
+        --config.data.source=recordio --config.data.path=/data/faces_emore --config.eval.every_steps=2000
+    python -m ppfr_jax.main --config configs/duetface.py:server,ir50,pfld=/ckpt/pfld.pth \
+        --workdir runs/duetface_server_ir50 \
+        --config.data.source=recordio --config.data.path=/data/faces_emore --config.eval.every_steps=2000
+    ppfr-eval --model ppfr --checkpoint runs/duetface_server_ir50 --ijb /data/IJB_release --target IJBB \
+        --out runs/duetface_server_ir50/ijb
+    ppfr-eval --model ppfr --checkpoint runs/duetface_server_ir50 --ijb /data/IJB_release --target IJBC \
+        --out runs/duetface_server_ir50/ijb
+
 Expected (server, IR-50, MS1Mv2): LFW 99.82, CFP-FP 97.79, AgeDB 97.93 (SPEC section 5).
 
 ``demo``: tiny client and server on the embedded LFW demo set with its stored
@@ -137,6 +154,8 @@ def get_config(arg=None):
         c.log_every_steps = 20
         c.checkpoint_every_steps = 100
         c.eval.every_steps = 0  # verification at the end only
+    else:  # the papers' five benchmarks under eval.root (or beside a RecordIO pack's train.rec)
+        config_lib.use_paper_benchmarks(c)
     if size == "tiny":  # seconds, for tests
         c.data.source = "synthetic"
         c.data.landmarks = False

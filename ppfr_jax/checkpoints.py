@@ -62,7 +62,9 @@ def checkpoint_manager(workdir: str, config):
     # at least the latest: no setting may delete the only checkpoint (validate refuses 0 as well)
     policies = [pp.LatestN(max(1, int(config.get("keep_checkpoints", 3))))]
     if int(config.get("keep_best", 1)) > 0:
-        policies.append(pp.BestN(get_metric_fn=lambda m: m["devtest_accuracy"], reverse=False,
+        # the mean verification accuracy over config.eval's sets; "devtest_accuracy" in runs written before them
+        policies.append(pp.BestN(get_metric_fn=lambda m: m.get("eval_mean_accuracy", m.get("devtest_accuracy")),
+                                 reverse=False,
                                  n=int(config.keep_best), keep_checkpoints_without_metrics=False))
     opts = ocp.CheckpointManagerOptions(preservation_policy=pp.AnyPreservationPolicy(policies),
                                         enable_async_checkpointing=True, create=True)

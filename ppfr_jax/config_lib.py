@@ -134,7 +134,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(
         source="demo", path="", index="", tfds_name="", num_classes=0, flip=True, shuffle_buffer=2048,
         skip_bad=False, landmarks=False))
-    c.eval = ml_collections.ConfigDict(dict(pairs="demo", every_steps=0, batch_size=128, flip=True))
+    # eval.sets: named verification sets (eval_set_specs); () = the one set eval.pairs, named "devtest"
+    c.eval = ml_collections.ConfigDict(dict(pairs="demo", sets=(), root="", every_steps=0, batch_size=128,
+                                            flip=True))
     c.batch_size_per_device = 64
     c.batch_size = 0  # global; 0 = per_device * device count
     c.num_epochs = 24.0
@@ -150,6 +152,62 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.keep_best = 1
     return c
+
+
+# The verification benchmarks of the papers' tables, as insightface ships them (faces_emore / MS1MV2 packs
+# hold lfw.bin, cfp_fp.bin and agedb_30.bin beside train.rec; calfw.bin and cplfw.bin come with the newer ones)
+PAPER_EVAL_SETS = ("lfw.bin", "cfp_fp.bin", "agedb_30.bin", "calfw.bin", "cplfw.bin")
+_SET_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
+
+
+def use_paper_benchmarks(c: ml_collections.ConfigDict) -> None:
+    """A paper config verifies on the five benchmarks (``PAPER_EVAL_SETS``) under ``eval.root``, not the demo set."""
+    c.eval.sets = PAPER_EVAL_SETS
+    c.eval.pairs = ""
+
+
+def eval_set_specs(config) -> dict[str, str]:
+    """The verification sets the engine evaluates: ``{name: spec}`` in order (spec: ``demo``, a ``.bin``, a pairs file).
+
+    ``config.eval.sets``: a tuple of ``"spec"`` or ``"name=spec"`` entries (on a command line:
+    ``--config.eval.sets='("lfw.bin", "agedb=agedb_30.bin")'``). A set is named by its ``name=`` or by its file's stem (``lfw.bin`` -> ``lfw``,
+    ``demo`` -> ``demo``); names are what the logs (``eval/<name>/accuracy``) and ``results.json``
+    use. A relative path is taken under ``eval.root``, or when that is ``""`` under ``data.path``
+    for ``data.source='recordio'`` (insightface ships its .bin files beside ``train.rec``), else
+    as given. An empty entry or one whose spec is empty (``"cplfw="``) is left out.
+    No ``eval.sets``: the one set ``eval.pairs`` named ``devtest`` (none when it is ``""``).
+
+    Raises:
+      ConfigError naming ``eval.sets`` for an entry that is not a string, a name with other than
+      letters, digits, ``_-.``, or a name given twice.
+    """
+    ev = config.eval
+    sets = ev.get("sets", ()) or ()
+    if not sets:
+        return {"devtest": ev.pairs} if ev.get("pairs") else {}
+    d = config.get("data", {})
+    root = ev.get("root", "") or (d.get("path", "") if d.get("source") == "recordio" else "")
+    out: dict[str, str] = {}
+    for entry in sets:
+        if not isinstance(entry, str):
+            raise ConfigError(f"config.eval.sets: entries are strings ('lfw.bin', 'name=path' or 'demo'), got "
+                              f"{entry!r}")
+        name, _, spec = entry.partition("=") if "=" in entry else ("", "", entry)
+        spec = spec.strip()
+        if not spec:
+            continue
+        if not name:
+            name = "demo" if spec == "demo" else pathlib.Path(spec).stem
+        if not name or not set(name) <= _SET_NAME_CHARS:
+            raise ConfigError(f"config.eval.sets: set name {name!r} (from {entry!r}) may hold only letters, digits "
+                              f"and _-.; name it with 'name=path'")
+        if name in out:
+            raise ConfigError(f"config.eval.sets: two sets are named {name!r} ({out[name]!r} and {spec!r}); name "
+                              f"one with 'name=path'")
+        if spec != "demo" and root and not os.path.isabs(spec):
+            spec = os.path.join(root, spec)
+        out[name] = spec
+    return out
 
 
 def _exists(path: str) -> bool:
@@ -383,7 +441,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     if d.source == "synthetic" and d.num_classes <= 0:
         bad("data.num_classes", "data.source='synthetic' needs num_classes > 0")
     ev = config.eval
-    if ev.pairs not in ("demo", "") and not _exists(ev.pairs):
+    if ev.get("sets"):
+        for name, spec in eval_set_specs(config).items():
+            if spec != "demo" and not _exists(spec):
+                where = ev.get("root") or (f"data.path {d.path!r}" if d.source == "recordio" and d.path else "")
+                bad("eval.sets", f"set {name!r}: {spec!r} does not exist ("
+                                 + (f"relative names are looked up under {where}; " if where else "")
+                                 + "point eval.root at the folder holding insightface's .bin files, or list only "
+                                   "the sets you have, e.g. --config.eval.sets='(\"lfw.bin\", \"cfp_fp.bin\")')")
+    elif ev.pairs not in ("demo", "") and not _exists(ev.pairs):
         bad("eval.pairs", f"{ev.pairs!r} does not exist (use 'demo' or '' to disable)")
 
 

@@ -5,9 +5,12 @@
 ``jax.jit(train_step, donate_argnums=0)``: the backbone data-parallel, the
 classification head's class axis sharded over all devices (the reference's
 "dist FC"). Checkpoints: Orbax under ``<workdir>/checkpoints`` (latest-N plus
-best-by-DevTest); a workdir holding one is resumed automatically (state, step,
+the best by mean verification accuracy); a workdir holding one is resumed automatically (state, step,
 data position) on any device count. Logging: TensorBoard (process 0) and
-steps/s, ETA. A non-finite update stops the run before it is applied;
+steps/s, ETA. Verification: every set of ``config.eval`` (``config_lib.eval_set_specs``: the
+demo DevTest named ``devtest``, or named benchmarks such as the papers' five .bin files) every
+``eval.every_steps`` and at the end, logged as ``eval/<name>/accuracy`` (std, threshold) and
+``eval/mean_accuracy``, recorded in ``results.json`` under ``eval_sets``. A non-finite update stops the run before it is applied;
 damaged checkpoints are skipped; one run per workdir (``.ppfr_run.lock``);
 an unwritable checkpoint folder stops the run; a finished run re-prints its
 results (SECURITY.md has the full list). Details: README, Differences from
@@ -36,7 +39,7 @@ from ppfr_jax.checkpoints import (_short, all_finite, check_writable, checkpoint
                                   probe_write, quarantine, restore_newest_intact, save_checkpoint, workdir_lock,
                                   workdir_path)
 from ppfr_jax.errors import CheckpointSaveError, NonFiniteLossError
-from ppfr_jax.evaluate.evaluator import VerificationEvaluator
+from ppfr_jax.evaluate.evaluator import EvalSuite
 from ppfr_jax.optim import make_optimizer, make_schedule, steps_per_epoch
 from ppfr_jax.sharding import (batch_sharding, create_mesh, global_batch_size, make_global_batch,
                                maybe_initialize_distributed, padded_num_classes, state_shardings)
@@ -122,9 +125,26 @@ def train_step(state: TrainState, batch, rng, *, task, tx, schedule):
 # ----------------------------------------------------------------------------- evaluation
 
 
-def make_evaluator(config, setup: Setup) -> VerificationEvaluator | None:
-    """The DevTest evaluator of ``config.eval`` (None without ``eval.pairs``): the task's embedding, sharded."""
-    return VerificationEvaluator.from_config(config, setup.task.embed, batch_sharding(setup.mesh))
+def make_evaluator(config, setup: Setup) -> EvalSuite | None:
+    """The verification sets of ``config.eval`` (None without any): the task's embedding, sharded."""
+    return EvalSuite.from_config(config, setup.task.embed, batch_sharding(setup.mesh))
+
+
+def _eval_scalars(r: dict) -> dict:
+    """An ``EvalSuite.run`` result -> ``eval/<name>/accuracy|std|threshold`` and ``eval/mean_accuracy``."""
+    out = {f"eval/{n}/{k}": v[k] for n, v in r["sets"].items() for k in ("accuracy", "std", "threshold")}
+    out["eval/mean_accuracy"] = r["mean_accuracy"]
+    return out
+
+
+def _eval_line(step: int, r: dict) -> str:
+    """The console line of one evaluation (the DevTest form bench/log_curve.py reads, when it is the one set)."""
+    s = r["sets"]
+    if list(s) == ["devtest"]:
+        return f"step {step}: DevTest verification accuracy {100 * s['devtest']['accuracy']:.2f}% " \
+               f"± {100 * s['devtest']['std']:.2f}"
+    each = ", ".join(f"{n} {100 * v['accuracy']:.2f}% ± {100 * v['std']:.2f}" for n, v in s.items())
+    return f"step {step}: verification accuracy {each}; mean {100 * r['mean_accuracy']:.2f}%"
 
 
 def _finished_results(workdir: str, config, step: int, setup: Setup, state, mesh) -> dict:
@@ -136,13 +156,17 @@ def _finished_results(workdir: str, config, step: int, setup: Setup, state, mesh
             rec = json.loads(f.read_text())
         except ValueError:
             rec = None
-    wants_eval = bool(config.eval.get("pairs"))
-    if isinstance(rec, dict) and rec.get("steps") == step and (rec.get("devtest_accuracy") is not None
-                                                                or not wants_eval):
+    names = list(config_lib.eval_set_specs(config))
+    recorded = isinstance(rec, dict) and (set(names) <= set(rec.get("eval_sets") or {})
+                                          or (names == ["devtest"] and rec.get("devtest_accuracy") is not None))
+    if isinstance(rec, dict) and rec.get("steps") == step and recorded:
         if jax.process_index() == 0:
             acc = rec.get("devtest_accuracy")
+            sets = rec.get("eval_sets") or {}
             what = (f"DevTest verification accuracy {100 * acc:.2f}% ± {100 * (rec.get('devtest_std') or 0):.2f}"
-                    if acc is not None else "no verification set")
+                    if acc is not None and names == ["devtest"] else
+                    "verification accuracy " + ", ".join(f"{n} {100 * sets[n]['accuracy']:.2f}%" for n in names)
+                    if names else "no verification set")
             print(f"run in {workdir} already finished at step {step} (num_train_steps {setup.num_steps}): {what} "
                   f"(from {f}); nothing was changed", flush=True)
         return rec
@@ -153,20 +177,23 @@ def _finished_results(workdir: str, config, step: int, setup: Setup, state, mesh
     if jax.process_index() == 0:
         f.write_text(json.dumps(results, indent=1, default=str))
         print(f"run in {workdir} already finished at step {step}; its results were missing and are now recorded "
-              f"in {f}" + (f": DevTest verification accuracy {100 * last_eval['accuracy']:.2f}%" if last_eval else ""),
-              flush=True)
+              f"in {f}" + (": " + _eval_line(step, last_eval).split(": ", 1)[1] if last_eval else ""), flush=True)
     return results
 
 
 def _results(config, step, wall_s, last_eval, setup: Setup, mesh) -> dict:
+    """results.json: ``eval_sets`` {name: accuracy, std, threshold, pairs} and their mean; ``devtest_*``: the set named devtest."""
+    dev = (last_eval.get("sets") or {}).get("devtest", {})
     return {
         "config": config.to_dict(),
         "task": config.task,
         "steps": step,
         "wall_s": wall_s,
-        "devtest_accuracy": last_eval.get("accuracy"),
-        "devtest_std": last_eval.get("std"),
-        "devtest_threshold": last_eval.get("threshold"),
+        "devtest_accuracy": dev.get("accuracy"),
+        "devtest_std": dev.get("std"),
+        "devtest_threshold": dev.get("threshold"),
+        "eval_sets": last_eval.get("sets", {}),
+        "eval_mean_accuracy": last_eval.get("mean_accuracy"),
         "num_classes": setup.num_classes,
         "global_batch": setup.global_batch,
         "devices": mesh.size,
@@ -376,10 +403,9 @@ def _train_locked(config, workdir: str, progress=None) -> dict:
             if do_eval:
                 r = evaluator.run(_variables(state))
                 last_eval = r
-                writer.write_scalars(step, {"eval/devtest_accuracy": r["accuracy"], "eval/devtest_std": r["std"]})
+                writer.write_scalars(step, _eval_scalars(r))
                 if jax.process_index() == 0:
-                    print(f"step {step}: DevTest verification accuracy {100 * r['accuracy']:.2f}% "
-                          f"± {100 * r['std']:.2f}", flush=True)
+                    print(_eval_line(step, r), flush=True)
             if step % config.checkpoint_every_steps == 0 or is_last:
                 _check_finite(state, workdir)
                 try:
@@ -389,7 +415,7 @@ def _train_locked(config, workdir: str, progress=None) -> dict:
                     # 300 s for it (and hold the interpreter at exit): find an unwritable folder here instead
                     probe_write(ckdir)
                     save_checkpoint(mngr, state, meta_fn(step),
-                                    {"devtest_accuracy": last_eval["accuracy"]} if do_eval else None)
+                                    {"eval_mean_accuracy": last_eval["mean_accuracy"]} if do_eval else None)
                 except Exception as e:  # noqa: BLE001
                     raise save_failed(e) from None
     except BaseException:

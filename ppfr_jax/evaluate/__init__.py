@@ -4,7 +4,8 @@
 - :mod:`.sets`: ``load_set`` ("demo" | .bin | pairs.txt -> ``VerificationSet``), safe ``.bin`` reader;
 - :mod:`.embedding`: ``embed(apply_fn, images, *, flip, batch_size, sharding=None)``;
 - :mod:`.recognizers`: ``Recognizer``, ``MODELS`` (``ppfr-eval --model``), ``evaluate_set``;
-- :mod:`.evaluator`: ``VerificationEvaluator(embed_fn, set).run(variables)``, what training logs;
+- :mod:`.evaluator`: ``VerificationEvaluator(embed_fn, set).run(variables)``, and ``EvalSuite`` (every set of
+  ``config.eval``), what training logs;
 - :mod:`.ijb`: IJB-B / IJB-C 1:1 template verification (``evaluate_ijb``, ``evaluate_features``).
 
 The protocol and the set readers import without JAX (and nothing here imports
@@ -18,10 +19,11 @@ import importlib
 
 from ppfr_jax.evaluate.protocol import (THRESHOLDS, calculate_roc, kfold_splits, l2_normalize, roc_curve,
                                         tpr_at_fpr, verify)
-from ppfr_jax.evaluate.sets import (BadInputError, Pair, VerificationSet, decode_images, demo_eval_landmarks,
-                                    load_bin, load_bin_set, load_pairs_set, load_set, read_pairs, save_bin)
+from ppfr_jax.evaluate.sets import (BadInputError, LazyImages, Pair, VerificationSet, decode_images,
+                                    demo_eval_landmarks, load_bin, load_bin_set, load_pairs_set, load_set, read_pairs,
+                                    save_bin)
 
-__all__ = ["THRESHOLDS", "BadInputError", "IJBError", "MODELS", "Pair", "Recognizer", "VerificationEvaluator",
+__all__ = ["THRESHOLDS", "BadInputError", "EvalSuite", "IJBError", "LazyImages", "MODELS", "Pair", "Recognizer", "VerificationEvaluator",
            "VerificationSet", "WithVariables", "calculate_roc", "decode_images", "demo_eval_landmarks", "embed",
            "evaluate_features", "evaluate_ijb", "evaluate_set", "fit_to_input", "kfold_splits", "l2_normalize",
            "load_bin", "load_bin_set", "load_pairs_set", "load_set", "read_pairs", "register_model", "roc_curve",
@@ -32,7 +34,7 @@ _LAZY = {
     "embed": "embedding", "WithVariables": "embedding",
     "Recognizer": "recognizers", "MODELS": "recognizers", "register_model": "recognizers",
     "fit_to_input": "recognizers", "evaluate_set": "recognizers",
-    "VerificationEvaluator": "evaluator",
+    "VerificationEvaluator": "evaluator", "EvalSuite": "evaluator",
     "IJBError": "ijb", "evaluate_ijb": "ijb", "evaluate_features": "ijb",
 }
 

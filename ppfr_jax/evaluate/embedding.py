@@ -6,8 +6,9 @@ The training engine's verification (:class:`~ppfr_jax.evaluate.evaluator.Verific
 - ``apply_fn``: (B, H, W, 3) model input -> (B, D); or :class:`WithVariables`
   ``(fn, variables)`` calling ``fn(variables, x)``, whose variables are then jit
   arguments (one compile for every set of weights, none baked in as constants).
-- ``images``: (N, H, W, 3) uint8, or float already in the model's input range;
-  ``preprocess`` (e.g. uint8 -> [-1, 1]) runs inside the jit, before the flip.
+- ``images``: (N, H, W, 3) uint8, or float already in the model's input range, or a
+  :class:`~ppfr_jax.evaluate.sets.LazyImages` (encoded; each batch is decoded when it is embedded, so a
+  large set is never decoded whole); ``preprocess`` (e.g. uint8 -> [-1, 1]) runs inside the jit, before the flip.
 - ``flip``: None / ``"none"``; ``"sum"``: ``f(x) + f(flip_w(x))``, added in the
   model's dtype (TFace / insightface, the engine's DevTest); ``"concat"``:
   ``[f(x), f(flip_w(x))]`` from one 2B batch (the CASIA MobileFaceNet evaluation).
@@ -29,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ppfr_jax.evaluate.sets import LazyImages
 
 FLIPS = (None, "none", "sum", "concat")
 
@@ -90,7 +93,9 @@ def embed(apply_fn: Callable, images: np.ndarray, *, flip: str | None = None, ba
     else:
         run = _batch_fn(apply_fn, False, flip, preprocess, out_sharding)
         variables = None
-    images = np.asarray(images)
+    lazy = isinstance(images, LazyImages)
+    if not lazy:
+        images = np.asarray(images)
     n = images.shape[0]
     if n == 0:
         raise ValueError("embed: no images")
@@ -102,7 +107,7 @@ def embed(apply_fn: Callable, images: np.ndarray, *, flip: str | None = None, ba
     outs = []
     pending = None
     for i in range(0, n, bs):
-        chunk = images[i:i + bs]
+        chunk = images.decode(i, i + bs) if lazy else images[i:i + bs]  # decoded while the last batch runs
         if chunk.shape[0] < bs:
             chunk = np.concatenate([chunk, np.zeros((bs - chunk.shape[0],) + chunk.shape[1:], chunk.dtype)])
         x = chunk if sharding is None else jax.device_put(chunk, sharding)

@@ -1,4 +1,12 @@
-"""The verification evaluator the training engine calls: ``VerificationEvaluator(embed_fn, set).run(variables)``.
+"""The verification evaluators the training engine calls: ``EvalSuite.from_config(...).run(variables)``.
+
+``EvalSuite`` holds one :class:`VerificationEvaluator` per named set of
+``config.eval`` (``config_lib.eval_set_specs``: the paper benchmarks, or the
+demo DevTest named ``devtest``) and returns each set's figures and their mean
+accuracy, the number the best checkpoint is kept by. Sets are loaded lazily
+(``load_set(..., lazy=True)``): each image is decoded once at load to check it,
+then again batch by batch while it is embedded, so a 14,000-image set is never
+held decoded.
 
 ``embed_fn(variables, images uint8 (B, 112, 112, 3)) -> (B, D)`` is the
 task's verification embedding (``task.embed``): the evaluator knows nothing
@@ -19,6 +27,7 @@ from typing import Any, Callable
 import numpy as np
 from jax.sharding import NamedSharding
 
+from ppfr_jax import config_lib
 from ppfr_jax.evaluate.embedding import WithVariables, embed
 from ppfr_jax.evaluate.protocol import verify
 from ppfr_jax.evaluate.sets import VerificationSet, load_set
@@ -53,7 +62,7 @@ class VerificationEvaluator:
         pairs = config.eval.get("pairs")
         if not pairs:
             return None
-        return cls(embed_fn, load_set(pairs), flip="sum" if config.eval.get("flip", True) else None,
+        return cls(embed_fn, load_set(pairs, lazy=True), flip="sum" if config.eval.get("flip", True) else None,
                    batch_size=config.eval.batch_size, sharding=sharding)
 
     def embeddings(self, variables: Any) -> np.ndarray:
@@ -66,3 +75,37 @@ class VerificationEvaluator:
         res = verify(self.embeddings(variables), self.issame, nrof_folds=self.nrof_folds)
         return {"accuracy": float(res["accuracy_mean"]), "std": float(res["accuracy_std"]),
                 "threshold": float(np.mean(res["best_thresholds"]))}
+
+
+class EvalSuite:
+    """Every verification set of ``config.eval``, evaluated together.
+
+    ``run(variables)`` -> ``{"sets": {name: {"accuracy", "std", "threshold", "pairs"}}, "mean_accuracy":
+    mean of the sets' accuracies}`` (accuracies in [0, 1]), sets in ``eval_set_specs`` order.
+    """
+
+    def __init__(self, evaluators: dict[str, VerificationEvaluator]):
+        if not evaluators:
+            raise ValueError("EvalSuite needs at least one set")
+        self.evaluators = dict(evaluators)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.evaluators)
+
+    @classmethod
+    def from_config(cls, config, embed_fn: Callable, sharding: NamedSharding | None = None) -> "EvalSuite | None":
+        """``config.eval`` -> the suite (None when it names no set). Raises ``BadInputError`` naming a bad set file."""
+        specs = config_lib.eval_set_specs(config)
+        if not specs:
+            return None
+        flip = "sum" if config.eval.get("flip", True) else None
+        return cls({name: VerificationEvaluator(embed_fn, load_set(spec, lazy=True), flip=flip,
+                                                batch_size=config.eval.batch_size, sharding=sharding)
+                    for name, spec in specs.items()})
+
+    def run(self, variables: Any) -> dict:
+        sets = {}
+        for name, ev in self.evaluators.items():
+            sets[name] = dict(ev.run(variables), pairs=int(ev.issame.size))
+        return {"sets": sets, "mean_accuracy": float(np.mean([r["accuracy"] for r in sets.values()]))}

@@ -25,7 +25,7 @@ from absl import logging
 from ppfr_jax import methods
 from ppfr_jax.evaluate.embedding import WithVariables, embed
 from ppfr_jax.evaluate.protocol import verify
-from ppfr_jax.evaluate.sets import BadInputError, VerificationSet
+from ppfr_jax.evaluate.sets import BadInputError, LazyImages, VerificationSet
 from ppfr_jax.models import mobilefacenet_casia as mc
 
 
@@ -91,12 +91,15 @@ def fit_to_input(images: np.ndarray, input_hw: tuple[int, int]) -> np.ndarray:
     """Adapt aligned crops to a model's input size without resampling.
 
     ArcFace 112x112 crops -> SphereFace 112x96 by dropping 8 columns each side
-    (the two templates differ by exactly that shift).
+    (the two templates differ by exactly that shift). ``images``: (N, H, W, 3), or
+    :class:`~ppfr_jax.evaluate.sets.LazyImages` (cropped as each batch is decoded).
     """
     hw = tuple(images.shape[1:3])
     if hw == tuple(input_hw):
         return images
     if hw == (112, 112) and tuple(input_hw) == (112, 96):
+        if isinstance(images, LazyImages):
+            return images.transformed(lambda x: x[:, :, 8:104], (112, 96) + tuple(images.shape[3:]))
         return images[:, :, 8:104]
     raise BadInputError(f"images are {hw[0]}x{hw[1]} (HxW) but the model takes "
                         f"{input_hw[0]}x{input_hw[1]}; align them with the model's template")

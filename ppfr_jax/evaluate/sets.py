@@ -155,24 +155,9 @@ def _decode(src: bytes | str, what: str, matrix=None, size_hw=None) -> np.ndarra
     return img
 
 
-def decode_images(sources: Sequence[bytes | str], *, names: Sequence[str] | None = None,
-                  matrices: Sequence[np.ndarray] | None = None, size_hw: tuple[int, int] | None = None,
-                  threads: int | None = None, skip_bad: bool = False):
-    """Decode (and optionally warp) images in a thread pool.
-
-    Args:
-      sources: encoded bytes or file paths.
-      names: how to name each in errors (default: the path, or "image i").
-      matrices: per-image (2, 3) alignment matrices (with ``size_hw``).
-      size_hw: the size every output must have (alignment output size, or a check).
-    Returns:
-      (images uint8 (N, H, W, 3) with zeros where bad, ok (N,) bool, problems list).
-    Raises:
-      BadInputError naming the first bad image (unless ``skip_bad``).
-    """
+def _decode_many(sources: Sequence[bytes | str], names: Sequence[str], matrices, size_hw, threads, skip_bad):
+    """-> (list of uint8 (H, W, 3) or None where bad, problems): ``decode_images`` without the stacking."""
     n = len(sources)
-    names = list(names) if names is not None else [s if isinstance(s, str) else f"image {i}"
-                                                   for i, s in enumerate(sources)]
 
     def work(i):
         m = None if matrices is None else matrices[i]
@@ -196,13 +181,48 @@ def decode_images(sources: Sequence[bytes | str], *, names: Sequence[str] | None
                         other.cancel()
                     raise
                 problems.append(str(e))
+    return results, problems
+
+
+def _check_same_shape(results, names, shape=None):
+    """The shape every decoded image shares (``shape`` if given); BadInputError naming the first that differs."""
+    for i, r in enumerate(results):
+        if r is None:
+            continue
+        if shape is None:
+            shape = r.shape
+        elif r.shape != shape:
+            raise BadInputError(f"{names[i]}: image shape {r.shape} differs from the others' {shape}")
+    return shape
+
+
+def _names(sources, names):
+    return list(names) if names is not None else [s if isinstance(s, str) else f"image {i}"
+                                                  for i, s in enumerate(sources)]
+
+
+def decode_images(sources: Sequence[bytes | str], *, names: Sequence[str] | None = None,
+                  matrices: Sequence[np.ndarray] | None = None, size_hw: tuple[int, int] | None = None,
+                  threads: int | None = None, skip_bad: bool = False):
+    """Decode (and optionally warp) images in a thread pool.
+
+    Args:
+      sources: encoded bytes or file paths.
+      names: how to name each in errors (default: the path, or "image i").
+      matrices: per-image (2, 3) alignment matrices (with ``size_hw``).
+      size_hw: the size every output must have (alignment output size, or a check).
+    Returns:
+      (images uint8 (N, H, W, 3) with zeros where bad, ok (N,) bool, problems list).
+    Raises:
+      BadInputError naming the first bad image (unless ``skip_bad``).
+    """
+    n = len(sources)
+    names = _names(sources, names)
+    results, problems = _decode_many(sources, names, matrices, size_hw, threads, skip_bad)
     ok = np.array([r is not None for r in results])
     if not ok.any():
         raise BadInputError("no image could be decoded")
-    shape = next(r.shape for r in results if r is not None)
-    for i, r in enumerate(results):
-        if r is not None and r.shape != shape:
-            raise BadInputError(f"{names[i]}: image shape {r.shape} differs from the others' {shape}")
+    shape = _check_same_shape(results, names)
     out = np.zeros((n,) + shape, np.uint8)
     for i, r in enumerate(results):
         if r is not None:
@@ -210,12 +230,102 @@ def decode_images(sources: Sequence[bytes | str], *, names: Sequence[str] | None
     return out, ok, sorted(problems)
 
 
+CHECK_CHUNK = 512  # images decoded at a time when a lazy set is checked at load
+
+
+class LazyImages:
+    """Encoded images (bytes or paths) decoded a slice at a time: what a set loaded with ``lazy=True`` holds.
+
+    A verification set of ~14,000 images (insightface's ``cfp_fp.bin``: 14,000 at
+    112x112, 527 MB decoded) then keeps only its encoded bytes; :func:`~ppfr_jax.evaluate.embedding.embed`
+    decodes ``decode(i, j)`` for each batch it embeds (threaded, ``decode_images``).
+    Every image was decoded once when the set was loaded (:meth:`check`), so a bad
+    one is reported then, naming it, and not in the middle of training.
+
+    ``len()``; ``shape`` (N, H, W, 3); ``take(indices)`` a re-indexed view (nothing
+    decoded); ``transformed(fn, image_shape)`` a view whose decoded batches go through ``fn``;
+    ``decode(i, j)`` uint8 (j - i, H, W, 3); ``np.asarray(lazy)`` decodes all.
+    """
+
+    def __init__(self, sources: Sequence[bytes | str], names: Sequence[str], image_shape: tuple[int, ...], *,
+                 matrices: Sequence[np.ndarray] | None = None, size_hw: tuple[int, int] | None = None,
+                 threads: int | None = None, indices: np.ndarray | None = None, transform=None):
+        self._sources, self._names, self._matrices = sources, names, matrices
+        self._size_hw, self._threads, self._transform = size_hw, threads, transform
+        self.image_shape = tuple(image_shape)
+        self._indices = np.arange(len(sources)) if indices is None else np.asarray(indices, np.int64)
+
+    @classmethod
+    def check(cls, sources, names, *, matrices=None, size_hw=None, threads=None, skip_bad=False):
+        """Decode every source once (``CHECK_CHUNK`` at a time, none kept) -> (LazyImages, ok (N,) bool, problems).
+
+        Raises BadInputError as ``decode_images`` does (unless ``skip_bad``).
+        """
+        n = len(sources)
+        ok = np.zeros(n, bool)
+        problems: list[str] = []
+        shape = None
+        for lo in range(0, n, CHECK_CHUNK):
+            hi = min(n, lo + CHECK_CHUNK)
+            res, probs = _decode_many(sources[lo:hi], names[lo:hi],
+                                      None if matrices is None else matrices[lo:hi], size_hw, threads, skip_bad)
+            shape = _check_same_shape(res, names[lo:hi], shape)
+            ok[lo:hi] = [r is not None for r in res]
+            problems += probs
+        if not ok.any():
+            raise BadInputError("no image could be decoded")
+        return cls(sources, names, shape, matrices=matrices, size_hw=size_hw, threads=threads), ok, sorted(problems)
+
+    def __len__(self) -> int:
+        return int(self._indices.size)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self),) + self.image_shape
+
+    @property
+    def dtype(self):
+        return np.dtype(np.uint8)
+
+    def _view(self, **over) -> "LazyImages":
+        kw = dict(matrices=self._matrices, size_hw=self._size_hw, threads=self._threads, indices=self._indices,
+                  transform=self._transform)
+        shape = over.pop("image_shape", self.image_shape)
+        return LazyImages(self._sources, self._names, shape, **{**kw, **over})
+
+    def take(self, indices) -> "LazyImages":
+        """The images at ``indices`` (into this view), still encoded."""
+        return self._view(indices=self._indices[np.asarray(indices)])
+
+    def transformed(self, fn, image_shape: tuple[int, ...]) -> "LazyImages":
+        """A view whose decoded batches (k, H, W, 3) become ``fn(batch)`` of per-image shape ``image_shape``."""
+        prev = self._transform
+        return self._view(transform=fn if prev is None else (lambda x: fn(prev(x))), image_shape=image_shape)
+
+    def decode(self, start: int, stop: int) -> np.ndarray:
+        """uint8 (k, H, W, 3): images ``start:stop`` of this view, decoded now."""
+        idx = self._indices[start:stop]
+        res, _ = _decode_many([self._sources[i] for i in idx], [self._names[i] for i in idx],
+                              None if self._matrices is None else [self._matrices[i] for i in idx],
+                              self._size_hw, self._threads, False)
+        if not res:
+            return np.zeros((0,) + self.image_shape, np.uint8)
+        out = np.stack(res)
+        out = out if self._transform is None else self._transform(out)
+        _check_same_shape(list(out), [self._names[i] for i in idx], self.image_shape)
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        out = self.decode(0, len(self))
+        return out if dtype is None else out.astype(dtype)
+
+
 @dataclasses.dataclass
 class VerificationSet:
     """Decoded verification data.
 
     Attributes:
-      images: (M, H, W, 3) uint8 distinct images.
+      images: (M, H, W, 3) uint8 distinct images, or :class:`LazyImages` (``lazy=True``: still encoded).
       pairs: (P, 2) int rows into ``images``.
       issame: (P,) bool.
       name: where it came from.
@@ -223,7 +333,7 @@ class VerificationSet:
       landmarks: optional (M, K, 2) normalised landmarks.
     """
 
-    images: np.ndarray
+    images: np.ndarray | LazyImages
     pairs: np.ndarray
     issame: np.ndarray
     name: str
@@ -231,12 +341,15 @@ class VerificationSet:
     landmarks: np.ndarray | None = None
 
     def interleaved(self) -> tuple[np.ndarray, np.ndarray]:
-        """-> (images (2P, H, W, 3) in pair order, issame (P,))."""
+        """-> (images (2P, H, W, 3) in pair order, issame (P,)); a lazy set gives a :class:`LazyImages` view."""
+        if isinstance(self.images, LazyImages):
+            return self.images.take(self.pairs.reshape(-1)), self.issame
         return self.images[self.pairs.reshape(-1)], self.issame
 
 
-def load_bin_set(path: str | os.PathLike, *, skip_bad: bool = False, threads: int | None = None) -> VerificationSet:
-    """A ``.bin`` as a :class:`VerificationSet` (repeated images decoded once)."""
+def load_bin_set(path: str | os.PathLike, *, skip_bad: bool = False, threads: int | None = None,
+                 lazy: bool = False) -> VerificationSet:
+    """A ``.bin`` as a :class:`VerificationSet` (repeated images decoded once; ``lazy``: kept encoded)."""
     path = os.fspath(path)
     blobs, same = load_bin(path)
     uniq: dict[bytes, int] = {}
@@ -246,7 +359,10 @@ def load_bin_set(path: str | os.PathLike, *, skip_bad: bool = False, threads: in
         first.setdefault(int(u), i)
     srcs = list(uniq)
     names = [f"{path}: image {first[u]}" for u in range(len(srcs))]
-    images, ok, problems = decode_images(srcs, names=names, threads=threads, skip_bad=skip_bad)
+    if lazy:
+        images, ok, problems = LazyImages.check(srcs, names, threads=threads, skip_bad=skip_bad)
+    else:
+        images, ok, problems = decode_images(srcs, names=names, threads=threads, skip_bad=skip_bad)
     pairs = idx.reshape(-1, 2)
     keep = ok[pairs].all(1)
     return VerificationSet(images, pairs[keep], same[keep], path, problems)
@@ -254,8 +370,9 @@ def load_bin_set(path: str | os.PathLike, *, skip_bad: bool = False, threads: in
 
 def load_pairs_set(pairs_path: str | os.PathLike, image_root: str | os.PathLike, *,
                    landmarks: str | os.PathLike | dict | None = None, template: str = "arcface",
-                   skip_bad: bool = False, threads: int | None = None, ext: str = "jpg") -> VerificationSet:
-    """An LFW-style pairs file over an image folder, optionally aligned.
+                   skip_bad: bool = False, threads: int | None = None, ext: str = "jpg",
+                   lazy: bool = False) -> VerificationSet:
+    """An LFW-style pairs file over an image folder, optionally aligned (``lazy``: decoded when embedded).
 
     Args:
       landmarks: 5-point table (path or dict, see ``align.read_landmarks_tsv``);
@@ -297,8 +414,13 @@ def load_pairs_set(pairs_path: str | os.PathLike, image_root: str | os.PathLike,
             if lm is None:
                 raise BadInputError(f"{where[q]}: no 5-point landmarks for it in {landmarks}")
             matrices.append(align.estimate_alignment(lm, template))
-    images, ok, problems = decode_images([os.path.join(root, q) for q in paths], names=[where[q] for q in paths],
-                                         matrices=matrices, size_hw=size, threads=threads, skip_bad=skip_bad)
+    files, names = [os.path.join(root, q) for q in paths], [where[q] for q in paths]
+    if lazy:
+        images, ok, problems = LazyImages.check(files, names, matrices=matrices, size_hw=size, threads=threads,
+                                                skip_bad=skip_bad)
+    else:
+        images, ok, problems = decode_images(files, names=names, matrices=matrices, size_hw=size, threads=threads,
+                                             skip_bad=skip_bad)
     pairs = np.asarray(rows, np.int64).reshape(-1, 2)
     same_arr = np.asarray(same, bool)
     keep = ok[pairs].all(1) if len(pairs) else np.zeros(0, bool)
@@ -307,20 +429,21 @@ def load_pairs_set(pairs_path: str | os.PathLike, image_root: str | os.PathLike,
 
 
 def load_set(spec: str, *, image_root: str | None = None, landmarks: str | None = None,
-             template: str = "arcface", skip_bad: bool = False) -> VerificationSet:
+             template: str = "arcface", skip_bad: bool = False, lazy: bool = False) -> VerificationSet:
     """``"demo"`` | ``path.bin`` | ``pairs.txt`` -> :class:`VerificationSet` (``.interleaved()``: the pair-order images).
 
     For a pairs file, ``image_root`` defaults to a sibling ``lfw-deepfunneled``
     or ``lfw`` folder of the pairs file; ``landmarks`` / ``template`` align it
-    (see :func:`load_pairs_set`).
+    (see :func:`load_pairs_set`). ``lazy``: the images stay encoded until embedded
+    (:class:`LazyImages`; each is decoded once here to check it).
     """
     if spec == "demo":
         p = demo_paths()
-        vs = load_bin_set(p["eval_bin"], skip_bad=skip_bad)
+        vs = load_bin_set(p["eval_bin"], skip_bad=skip_bad, lazy=lazy)
         vs.name = "demo (LFW pairsDevTest)"
         return vs
     if spec.endswith(".bin"):
-        return load_bin_set(spec, skip_bad=skip_bad)
+        return load_bin_set(spec, skip_bad=skip_bad, lazy=lazy)
     if image_root is None:
         base = pathlib.Path(spec).parent
         cands = [base / "lfw-deepfunneled", base / "lfw"]
@@ -328,7 +451,7 @@ def load_set(spec: str, *, image_root: str | None = None, landmarks: str | None 
         if not found:
             raise BadInputError(f"{spec}: no image root given and none of {[str(c) for c in cands]} exists")
         image_root = str(found[0])
-    return load_pairs_set(spec, image_root, landmarks=landmarks, template=template, skip_bad=skip_bad)
+    return load_pairs_set(spec, image_root, landmarks=landmarks, template=template, skip_bad=skip_bad, lazy=lazy)
 
 
 def demo_eval_landmarks() -> np.ndarray:
