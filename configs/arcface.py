@@ -5,8 +5,9 @@ batch 64 per device, SGD momentum 0.9, weight decay 5e-4 (not on BN/PReLU/bias),
 LR 0.1 divided by 10 at epochs 10, 18, 22 of 24. Point ``data`` at a TFace
 tfrecord set (e.g. MS1Mv2):
 
-    python -m ppfr_jax.main --config configs/arcface.py:ir50 --workdir runs/arcface_ir50 \
-        --config.data.source=tfrecord --config.data.path=/data/ms1m --config.data.index=/data/ms1m.txt
+    python -m ppfr_jax.main --config configs/arcface.py:ir50 --workdir runs/arcface_ir50 \\
+        --config.data.source=tfrecord --config.data.path=/data/ms1m --config.data.index=/data/ms1m.txt \\
+        --config.eval.root=/data/bins  # lfw.bin, cfp_fp.bin, agedb_30.bin, calfw.bin, cplfw.bin
 
 MS1MV2 as insightface distributes it (``faces_emore/``: ``train.rec``, ``train.idx``, ``property``
 and the verification ``.bin`` files), read without mxnet; every ``eval.every_steps`` and at the end
@@ -15,9 +16,9 @@ the run verifies on the papers' five benchmarks (``lfw.bin``, ``cfp_fp.bin``, ``
 ``eval/<name>/accuracy`` and keeps the best checkpoint by their mean; then IJB-C 1:1 on the release
 layout (``IJB_release/IJBC/meta``, ``loose_crop``)::
 
-    python -m ppfr_jax.main --config configs/arcface.py:ir50 --workdir runs/arcface_ir50 \
+    python -m ppfr_jax.main --config configs/arcface.py:ir50 --workdir runs/arcface_ir50 \\
         --config.data.source=recordio --config.data.path=/data/faces_emore --config.eval.every_steps=2000
-    ppfr-eval --model ppfr --checkpoint runs/arcface_ir50 --ijb /data/IJB_release --target IJBC \
+    ppfr-eval --model ppfr --checkpoint runs/arcface_ir50 --ijb /data/IJB_release --target IJBC \\
         --out runs/arcface_ir50/ijbc
 
 A pack without ``calfw.bin`` / ``cplfw.bin`` (the older faces_emore): name the ones it has,

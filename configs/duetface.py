@@ -11,10 +11,12 @@ comes from a frozen PFLD landmark detector (the reference's checkpoint,
 training records instead, ``roi=template`` uses a constant face hull)::
 
     python -m ppfr_jax.main --config configs/duetface.py:client,ir50 --workdir runs/duetface_client_ir50 \\
-        --config.data.source=tfrecord --config.data.path=/data/ms1m --config.data.index=/data/ms1m.txt
+        --config.data.source=tfrecord --config.data.path=/data/ms1m --config.data.index=/data/ms1m.txt \\
+        --config.eval.root=/data/bins  # lfw.bin, cfp_fp.bin, agedb_30.bin, calfw.bin, cplfw.bin
     python -m ppfr_jax.main --config configs/duetface.py:server,ir50,pfld=/ckpt/pfld.pth \\
         --workdir runs/duetface_server_ir50 \\
-        --config.data.source=tfrecord --config.data.path=/data/ms1m --config.data.index=/data/ms1m.txt
+        --config.data.source=tfrecord --config.data.path=/data/ms1m --config.data.index=/data/ms1m.txt \\
+        --config.eval.root=/data/bins  # lfw.bin, cfp_fp.bin, agedb_30.bin, calfw.bin, cplfw.bin
 
 (the server run reads the client from ``runs/duetface_client_<size>`` unless
 ``client_workdir=...`` is given, and refuses to start without it).
@@ -25,14 +27,14 @@ every ``eval.every_steps`` and at the end on the five benchmarks (``lfw.bin``, `
 ``agedb_30.bin``, ``calfw.bin``, ``cplfw.bin``, beside ``train.rec`` or under ``--config.eval.root``;
 ``eval/<name>/accuracy``, the best checkpoint by their mean), then IJB-B and IJB-C 1:1::
 
-    python -m ppfr_jax.main --config configs/duetface.py:client,ir50 --workdir runs/duetface_client_ir50 \
+    python -m ppfr_jax.main --config configs/duetface.py:client,ir50 --workdir runs/duetface_client_ir50 \\
         --config.data.source=recordio --config.data.path=/data/faces_emore --config.eval.every_steps=2000
-    python -m ppfr_jax.main --config configs/duetface.py:server,ir50,pfld=/ckpt/pfld.pth \
-        --workdir runs/duetface_server_ir50 \
+    python -m ppfr_jax.main --config configs/duetface.py:server,ir50,pfld=/ckpt/pfld.pth \\
+        --workdir runs/duetface_server_ir50 \\
         --config.data.source=recordio --config.data.path=/data/faces_emore --config.eval.every_steps=2000
-    ppfr-eval --model ppfr --checkpoint runs/duetface_server_ir50 --ijb /data/IJB_release --target IJBB \
+    ppfr-eval --model ppfr --checkpoint runs/duetface_server_ir50 --ijb /data/IJB_release --target IJBB \\
         --out runs/duetface_server_ir50/ijb
-    ppfr-eval --model ppfr --checkpoint runs/duetface_server_ir50 --ijb /data/IJB_release --target IJBC \
+    ppfr-eval --model ppfr --checkpoint runs/duetface_server_ir50 --ijb /data/IJB_release --target IJBC \\
         --out runs/duetface_server_ir50/ijb
 
 Expected (server, IR-50, MS1Mv2): LFW 99.82, CFP-FP 97.79, AgeDB 97.93 (SPEC section 5).

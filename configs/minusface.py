@@ -10,10 +10,12 @@ generator LR x0.1 (reference README; the paper says 0.5: set
 frozen generator from stage 1's workdir::
 
     python -m ppfr_jax.main --config configs/minusface.py:stage1,ir50 --workdir runs/minusface_s1_ir50 \\
-        --config.data.source=tfrecord --config.data.path=/data/ms1m --config.data.index=/data/ms1m.txt
+        --config.data.source=tfrecord --config.data.path=/data/ms1m --config.data.index=/data/ms1m.txt \\
+        --config.eval.root=/data/bins  # lfw.bin, cfp_fp.bin, agedb_30.bin, calfw.bin, cplfw.bin
     python -m ppfr_jax.main --config configs/minusface.py:stage2,ir50,stage1_workdir=runs/minusface_s1_ir50 \\
         --workdir runs/minusface_s2_ir50 \\
-        --config.data.source=tfrecord --config.data.path=/data/ms1m --config.data.index=/data/ms1m.txt
+        --config.data.source=tfrecord --config.data.path=/data/ms1m --config.data.index=/data/ms1m.txt \\
+        --config.eval.root=/data/bins  # lfw.bin, cfp_fp.bin, agedb_30.bin, calfw.bin, cplfw.bin
 
 MS1MV2 as insightface distributes it (``faces_emore/``: ``train.rec``, ``train.idx``, ``property``
 and the ``.bin`` files), verified every ``eval.every_steps`` and at the end on the five benchmarks
@@ -21,14 +23,14 @@ and the ``.bin`` files), verified every ``eval.every_steps`` and at the end on t
 under ``--config.eval.root``; ``eval/<name>/accuracy``, the best checkpoint by their mean), then
 IJB-B and IJB-C 1:1 on X_p::
 
-    python -m ppfr_jax.main --config configs/minusface.py:stage1,ir50 --workdir runs/minusface_s1_ir50 \
+    python -m ppfr_jax.main --config configs/minusface.py:stage1,ir50 --workdir runs/minusface_s1_ir50 \\
         --config.data.source=recordio --config.data.path=/data/faces_emore --config.eval.every_steps=2000
-    python -m ppfr_jax.main --config configs/minusface.py:stage2,ir50,stage1_workdir=runs/minusface_s1_ir50 \
-        --workdir runs/minusface_s2_ir50 \
+    python -m ppfr_jax.main --config configs/minusface.py:stage2,ir50,stage1_workdir=runs/minusface_s1_ir50 \\
+        --workdir runs/minusface_s2_ir50 \\
         --config.data.source=recordio --config.data.path=/data/faces_emore --config.eval.every_steps=2000
-    ppfr-eval --model ppfr --checkpoint runs/minusface_s2_ir50 --ijb /data/IJB_release --target IJBB \
+    ppfr-eval --model ppfr --checkpoint runs/minusface_s2_ir50 --ijb /data/IJB_release --target IJBB \\
         --out runs/minusface_s2_ir50/ijb
-    ppfr-eval --model ppfr --checkpoint runs/minusface_s2_ir50 --ijb /data/IJB_release --target IJBC \
+    ppfr-eval --model ppfr --checkpoint runs/minusface_s2_ir50 --ijb /data/IJB_release --target IJBC \\
         --out runs/minusface_s2_ir50/ijb
 
 Expected (stage 2, IR-50, MS1Mv2): LFW 99.78, CFP-FP 96.92, AgeDB 97.57 (SPEC section 5).

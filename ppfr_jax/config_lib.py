@@ -175,7 +175,9 @@ def eval_set_specs(config) -> dict[str, str]:
     use. A relative path is taken under ``eval.root``, or when that is ``""`` under ``data.path``
     for ``data.source='recordio'`` (insightface ships its .bin files beside ``train.rec``), else
     as given. An empty entry or one whose spec is empty (``"cplfw="``) is left out.
-    No ``eval.sets``: the one set ``eval.pairs`` named ``devtest`` (none when it is ``""``).
+    No ``eval.sets``: the one set ``eval.pairs`` named ``devtest`` (none when it is ``""``); with
+    ``eval.sets``, ``eval.pairs`` must be ``""`` (``validate`` says so). ``--config.eval.sets='()'``
+    and ``--config.eval.pairs=''`` turn verification off.
 
     Raises:
       ConfigError naming ``eval.sets`` for an entry that is not a string, a name with other than
@@ -193,7 +195,7 @@ def eval_set_specs(config) -> dict[str, str]:
             raise ConfigError(f"config.eval.sets: entries are strings ('lfw.bin', 'name=path' or 'demo'), got "
                               f"{entry!r}")
         name, _, spec = entry.partition("=") if "=" in entry else ("", "", entry)
-        spec = spec.strip()
+        name, spec = name.strip(), spec.strip()
         if not spec:
             continue
         if not name:
@@ -441,6 +443,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     if d.source == "synthetic" and d.num_classes <= 0:
         bad("data.num_classes", "data.source='synthetic' needs num_classes > 0")
     ev = config.eval
+    if ev.get("sets") and ev.get("pairs"):
+        bad("eval.pairs", f"{ev.pairs!r} would be ignored: eval.sets {tuple(ev.sets)} names the sets evaluated; add "
+                          f"'devtest={ev.pairs}' to eval.sets to keep it, or set eval.pairs=''")
     if ev.get("sets"):
         for name, spec in eval_set_specs(config).items():
             if spec != "demo" and not _exists(spec):

@@ -131,9 +131,13 @@ def make_evaluator(config, setup: Setup) -> EvalSuite | None:
 
 
 def _eval_scalars(r: dict) -> dict:
-    """An ``EvalSuite.run`` result -> ``eval/<name>/accuracy|std|threshold`` and ``eval/mean_accuracy``."""
+    """An ``EvalSuite.run`` result -> ``eval/<name>/accuracy|std|threshold``, ``eval/mean_accuracy`` (+ the devtest set's
+    pre-sets tags ``eval/devtest_accuracy``, ``eval/devtest_std``)."""
     out = {f"eval/{n}/{k}": v[k] for n, v in r["sets"].items() for k in ("accuracy", "std", "threshold")}
     out["eval/mean_accuracy"] = r["mean_accuracy"]
+    if "devtest" in r["sets"]:  # the tags runs wrote before named sets: a resumed run's curve stays one curve
+        out["eval/devtest_accuracy"] = r["sets"]["devtest"]["accuracy"]
+        out["eval/devtest_std"] = r["sets"]["devtest"]["std"]
     return out
 
 
@@ -157,18 +161,21 @@ def _finished_results(workdir: str, config, step: int, setup: Setup, state, mesh
         except ValueError:
             rec = None
     names = list(config_lib.eval_set_specs(config))
-    recorded = isinstance(rec, dict) and (set(names) <= set(rec.get("eval_sets") or {})
-                                          or (names == ["devtest"] and rec.get("devtest_accuracy") is not None))
-    if isinstance(rec, dict) and rec.get("steps") == step and recorded:
+    if isinstance(rec, dict) and rec.get("steps") == step:  # recorded: print it, change nothing
         if jax.process_index() == 0:
-            acc = rec.get("devtest_accuracy")
-            sets = rec.get("eval_sets") or {}
-            what = (f"DevTest verification accuracy {100 * acc:.2f}% ± {100 * (rec.get('devtest_std') or 0):.2f}"
-                    if acc is not None and names == ["devtest"] else
-                    "verification accuracy " + ", ".join(f"{n} {100 * sets[n]['accuracy']:.2f}%" for n in names)
-                    if names else "no verification set")
+            acc, sets = rec.get("devtest_accuracy"), rec.get("eval_sets") or {}
+            if sets and list(sets) != ["devtest"]:
+                what = "verification accuracy " + ", ".join(f"{n} {100 * v['accuracy']:.2f}%" for n, v in sets.items())
+            elif acc is not None:
+                what = f"DevTest verification accuracy {100 * acc:.2f}% ± {100 * (rec.get('devtest_std') or 0):.2f}"
+            else:
+                what = "no verification set"
+            missing = [n for n in names if n not in sets and not (n == "devtest" and acc is not None)]
             print(f"run in {workdir} already finished at step {step} (num_train_steps {setup.num_steps}): {what} "
                   f"(from {f}); nothing was changed", flush=True)
+            if missing:
+                print(f"  the sets {missing} of this config were not evaluated when the run finished; evaluate the "
+                      f"run on them with ppfr-eval --model ppfr --checkpoint {workdir} --pairs <set>", flush=True)
         return rec
     # the final checkpoint exists but its results were never recorded (killed while writing them)
     evaluator = make_evaluator(config, setup)

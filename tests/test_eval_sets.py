@@ -176,3 +176,80 @@ def test_engine_evaluates_every_named_set(tmp_path, demo_bin, capsys):
     out = capsys.readouterr().out
     assert "already finished at step 2" in out and f"lfw {100 * lfw['accuracy']:.2f}%" in out
     assert open(os.path.join(wd, "results.json")).read() == before
+
+
+def test_ppfr_eval_scores_a_lazy_set_with_skipped_images(tmp_path, demo_bin):
+    from ppfr_jax.evaluate.recognizers import Recognizer, evaluate_set
+    images, same = demo_bin
+    imgs = list(images[:40])
+    imgs[7] = b"not an image"
+    path = tmp_path / "bad.bin"
+    evaluate.save_bin(path, imgs, same[:20])
+    f = lambda x: x.astype(np.float32).mean(axis=(1, 2))  # noqa: E731
+    rec = Recognizer(apply_fn=f, preprocess=lambda x: x, input_hw=(112, 112), template="arcface", flip=None)
+    lazy = evaluate_set(rec, evaluate.load_set(str(path), lazy=True, skip_bad=True))
+    eager = evaluate_set(rec, evaluate.load_set(str(path), skip_bad=True))
+    assert lazy["num_pairs"] == eager["num_pairs"] == 19 and len(lazy["skipped"]) == 1
+    assert lazy["accuracy_mean"] == eager["accuracy_mean"]
+
+
+def test_a_lazy_pairs_set_keeps_the_files_it_checked(tmp_path, demo_bin):
+    images, _ = demo_bin
+    root = tmp_path / "lfw"
+    for k, rel in enumerate(("Ann/Ann_0001.jpg", "Ann/Ann_0002.jpg", "Bob/Bob_0001.jpg")):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(images[k])
+    (tmp_path / "pairs.txt").write_text("2\nAnn 1 2\nAnn 1 Bob 1\n")
+    lazy = evaluate.load_set(str(tmp_path / "pairs.txt"), lazy=True)
+    before = np.asarray(lazy.interleaved()[0])
+    (root / "Bob/Bob_0001.jpg").unlink()  # moved away after the run started: the run does not stop
+    np.testing.assert_array_equal(np.asarray(lazy.interleaved()[0]), before)
+
+
+def test_eval_pairs_and_eval_sets_together_are_refused():
+    c = arcface.get_config("demo")
+    c.eval.sets = ("demo",)
+    with pytest.raises(config_lib.ConfigError, match=r"^config\.eval\.pairs: 'demo' would be ignored: .*"
+                                                     r"add 'devtest=demo' to eval\.sets"):
+        config_lib.validate(c, 1)
+    c.eval.pairs = ""
+    config_lib.validate(c, 1)
+    assert config_lib.eval_set_specs(c) == {"demo": "demo"}
+
+
+def test_eval_logging_names_and_console_line():
+    from ppfr_jax import train
+    one = {"sets": {"devtest": {"accuracy": 0.8, "std": 0.05, "threshold": 1.2, "pairs": 600}}, "mean_accuracy": 0.8}
+    assert train._eval_line(7, one) == "step 7: DevTest verification accuracy 80.00% ± 5.00"  # bench/log_curve.py
+    assert train._eval_scalars(one) == {"eval/devtest/accuracy": 0.8, "eval/devtest/std": 0.05,
+                                        "eval/devtest/threshold": 1.2, "eval/mean_accuracy": 0.8,
+                                        "eval/devtest_accuracy": 0.8, "eval/devtest_std": 0.05}
+    two = {"sets": {"lfw": {"accuracy": 0.99, "std": 0.01, "threshold": 1.4, "pairs": 6000},
+                    "cfp_fp": {"accuracy": 0.9, "std": 0.02, "threshold": 1.5, "pairs": 7000}}, "mean_accuracy": 0.945}
+    assert train._eval_line(9, two) == ("step 9: verification accuracy lfw 99.00% ± 1.00, cfp_fp 90.00% ± 2.00; "
+                                        "mean 94.50%")
+    assert set(train._eval_scalars(two)) == {"eval/lfw/accuracy", "eval/lfw/std", "eval/lfw/threshold",
+                                             "eval/cfp_fp/accuracy", "eval/cfp_fp/std", "eval/cfp_fp/threshold",
+                                             "eval/mean_accuracy"}
+
+
+def test_a_finished_run_written_before_named_sets_is_printed_not_rewritten(tmp_path, capsys):
+    import types
+    from ppfr_jax import train
+    c = arcface.get_config("ir50")  # now names five sets; the old run recorded the demo DevTest only
+    (tmp_path / "results.json").write_text(json.dumps({"steps": 100, "wall_s": 86400.0, "devtest_accuracy": 0.91,
+                                                       "devtest_std": 0.02}))
+    before = (tmp_path / "results.json").read_text()
+    rec = train._finished_results(str(tmp_path), c, 100, types.SimpleNamespace(num_steps=100), None, None)
+    out = capsys.readouterr().out
+    assert rec["wall_s"] == 86400.0 and (tmp_path / "results.json").read_text() == before
+    assert "DevTest verification accuracy 91.00% ± 2.00" in out and "nothing was changed" in out
+    assert "the sets ['lfw', 'cfp_fp', 'agedb_30', 'calfw', 'cplfw'] of this config were not evaluated" in out
+
+
+def test_ppfr_verify_takes_the_threshold_of_a_run_verified_on_named_sets(tmp_path):
+    from ppfr_jax.cli.verify import resolve_threshold
+    (tmp_path / "results.json").write_text(json.dumps({"devtest_threshold": None, "eval_sets": {
+        "lfw": {"accuracy": 0.99, "std": 0.0, "threshold": 1.2, "pairs": 6000}}}))
+    t, where = resolve_threshold(str(tmp_path), None)
+    assert t == pytest.approx(1 - 1.2 / 2) and where.endswith("eval_sets.lfw.threshold (squared L2)")

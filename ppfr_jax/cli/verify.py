@@ -53,6 +53,9 @@ def resolve_threshold(workdir: str | None, explicit: float | None) -> tuple[floa
                 return float(res["verify_threshold"]), f"{f} verify_threshold"
             if isinstance(res.get("devtest_threshold"), (int, float)):  # squared L2 of unit vectors
                 return 1.0 - float(res["devtest_threshold"]) / 2.0, f"{f} devtest_threshold (squared L2)"
+            for name, r in (res.get("eval_sets") or {}).items():  # a run verified on named sets: the first one's
+                if isinstance(r, dict) and isinstance(r.get("threshold"), (int, float)):
+                    return 1.0 - float(r["threshold"]) / 2.0, f"{f} eval_sets.{name}.threshold (squared L2)"
     return DEFAULT_THRESHOLD, "default, uncalibrated"
 
 

@@ -1,6 +1,7 @@
 """The one embedding loop: images -> embeddings in fixed-size jitted batches, on one device or over a mesh.
 
-The training engine's verification (:class:`~ppfr_jax.evaluate.evaluator.VerificationEvaluator`),
+The training engine's verification (:class:`~ppfr_jax.evaluate.evaluator.EvalSuite`, one
+:class:`~ppfr_jax.evaluate.evaluator.VerificationEvaluator` per set),
 ``ppfr-eval`` and the privacy suite all embed through :func:`embed`.
 
 - ``apply_fn``: (B, H, W, 3) model input -> (B, D); or :class:`WithVariables`

@@ -240,7 +240,9 @@ class LazyImages:
     112x112, 527 MB decoded) then keeps only its encoded bytes; :func:`~ppfr_jax.evaluate.embedding.embed`
     decodes ``decode(i, j)`` for each batch it embeds (threaded, ``decode_images``).
     Every image was decoded once when the set was loaded (:meth:`check`), so a bad
-    one is reported then, naming it, and not in the middle of training.
+    one is reported then, naming it, and not in the middle of training; files are read
+    into memory then (encoded), so a file moved or changed later does not matter. An image
+    that failed under ``skip_bad`` decodes as zeros, as in :func:`decode_images`.
 
     ``len()``; ``shape`` (N, H, W, 3); ``take(indices)`` a re-indexed view (nothing
     decoded); ``transformed(fn, image_shape)`` a view whose decoded batches go through ``fn``;
@@ -249,18 +251,29 @@ class LazyImages:
 
     def __init__(self, sources: Sequence[bytes | str], names: Sequence[str], image_shape: tuple[int, ...], *,
                  matrices: Sequence[np.ndarray] | None = None, size_hw: tuple[int, int] | None = None,
-                 threads: int | None = None, indices: np.ndarray | None = None, transform=None):
+                 threads: int | None = None, indices: np.ndarray | None = None, transform=None,
+                 ok: np.ndarray | None = None, raw_shape: tuple[int, ...] | None = None):
         self._sources, self._names, self._matrices = sources, names, matrices
+        self._ok = np.ones(len(sources), bool) if ok is None else np.asarray(ok, bool)
         self._size_hw, self._threads, self._transform = size_hw, threads, transform
         self.image_shape = tuple(image_shape)
+        self._raw_shape = tuple(image_shape) if raw_shape is None else tuple(raw_shape)  # as decoded
         self._indices = np.arange(len(sources)) if indices is None else np.asarray(indices, np.int64)
 
     @classmethod
     def check(cls, sources, names, *, matrices=None, size_hw=None, threads=None, skip_bad=False):
         """Decode every source once (``CHECK_CHUNK`` at a time, none kept) -> (LazyImages, ok (N,) bool, problems).
 
-        Raises BadInputError as ``decode_images`` does (unless ``skip_bad``).
+        Raises BadInputError as ``decode_images`` does (unless ``skip_bad``), and for a file
+        that cannot be read.
         """
+        sources = list(sources)
+        for i, src in enumerate(sources):
+            if isinstance(src, str):  # kept encoded in memory: a later change to the file cannot stop a run
+                try:
+                    sources[i] = pathlib.Path(src).read_bytes()
+                except OSError as e:
+                    raise BadInputError(f"{names[i]}: cannot read it ({type(e).__name__}: {e.strerror or e})") from None
         n = len(sources)
         ok = np.zeros(n, bool)
         problems: list[str] = []
@@ -274,7 +287,8 @@ class LazyImages:
             problems += probs
         if not ok.any():
             raise BadInputError("no image could be decoded")
-        return cls(sources, names, shape, matrices=matrices, size_hw=size_hw, threads=threads), ok, sorted(problems)
+        return (cls(sources, names, shape, matrices=matrices, size_hw=size_hw, threads=threads, ok=ok), ok,
+                sorted(problems))
 
     def __len__(self) -> int:
         return int(self._indices.size)
@@ -289,7 +303,7 @@ class LazyImages:
 
     def _view(self, **over) -> "LazyImages":
         kw = dict(matrices=self._matrices, size_hw=self._size_hw, threads=self._threads, indices=self._indices,
-                  transform=self._transform)
+                  transform=self._transform, ok=self._ok, raw_shape=self._raw_shape)
         shape = over.pop("image_shape", self.image_shape)
         return LazyImages(self._sources, self._names, shape, **{**kw, **over})
 
@@ -303,16 +317,26 @@ class LazyImages:
         return self._view(transform=fn if prev is None else (lambda x: fn(prev(x))), image_shape=image_shape)
 
     def decode(self, start: int, stop: int) -> np.ndarray:
-        """uint8 (k, H, W, 3): images ``start:stop`` of this view, decoded now."""
+        """uint8 (k, H, W, 3): images ``start:stop`` of this view, decoded now (zeros for one skipped at load).
+
+        Raises BadInputError naming an image whose shape differs from the set's.
+        """
         idx = self._indices[start:stop]
-        res, _ = _decode_many([self._sources[i] for i in idx], [self._names[i] for i in idx],
-                              None if self._matrices is None else [self._matrices[i] for i in idx],
-                              self._size_hw, self._threads, False)
-        if not res:
+        if idx.size == 0:
             return np.zeros((0,) + self.image_shape, np.uint8)
-        out = np.stack(res)
+        good = idx[self._ok[idx]]
+        res, _ = _decode_many([self._sources[i] for i in good], [self._names[i] for i in good],
+                              None if self._matrices is None else [self._matrices[i] for i in good],
+                              self._size_hw, self._threads, False)
+        out = np.zeros((idx.size,) + self._raw_shape, np.uint8)
+        for k, r in zip(np.flatnonzero(self._ok[idx]), res):
+            if r.shape != self._raw_shape:
+                raise BadInputError(f"{self._names[idx[k]]}: image shape {r.shape} differs from the others' "
+                                    f"{self._raw_shape}")
+            out[k] = r
         out = out if self._transform is None else self._transform(out)
-        _check_same_shape(list(out), [self._names[i] for i in idx], self.image_shape)
+        if out.shape[1:] != self.image_shape:
+            raise ValueError(f"LazyImages: the transform gave {out.shape[1:]}, not the declared {self.image_shape}")
         return out
 
     def __array__(self, dtype=None, copy=None):
