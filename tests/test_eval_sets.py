@@ -31,6 +31,26 @@ def _write_bins(folder, demo_bin, names=("lfw", "cfp_fp", "agedb_30", "calfw", "
         evaluate.save_bin(os.path.join(folder, f"{n}.bin"), images[2 * lo:2 * (lo + pairs)], same[lo:lo + pairs])
 
 
+def _bad_bin(folder, demo_bin):
+    """20 demo pairs as a .bin whose image 7 does not decode."""
+    images, same = demo_bin
+    imgs = list(images[:40])
+    imgs[7] = b"not an image"
+    path = folder / "bad.bin"
+    evaluate.save_bin(path, imgs, same[:20])
+    return path
+
+
+def _pairs_folder(folder, demo_bin):
+    """An LFW-style image folder of three aligned demo faces (Ann 1, Ann 2, Bob 1)."""
+    images, _ = demo_bin
+    root = folder / "lfw"
+    for k, rel in enumerate(("Ann/Ann_0001.jpg", "Ann/Ann_0002.jpg", "Bob/Bob_0001.jpg")):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(images[k])
+    return root
+
+
 # ----------------------------------------------------------------------------- naming and lookup
 
 
@@ -107,11 +127,7 @@ def test_lazy_set_decodes_to_the_same_pixels_and_embeddings(demo_bin, tmp_path):
 
 
 def test_lazy_set_finds_a_bad_image_at_load_and_skips_it_like_the_eager_one(tmp_path, demo_bin):
-    images, same = demo_bin
-    imgs = list(images[:40])
-    imgs[7] = b"not an image"
-    path = tmp_path / "bad.bin"
-    evaluate.save_bin(path, imgs, same[:20])
+    path = _bad_bin(tmp_path, demo_bin)
     with pytest.raises(evaluate.BadInputError, match=r"bad\.bin: image 7"):
         evaluate.load_set(str(path), lazy=True)
     lazy = evaluate.load_set(str(path), lazy=True, skip_bad=True)
@@ -122,11 +138,7 @@ def test_lazy_set_finds_a_bad_image_at_load_and_skips_it_like_the_eager_one(tmp_
 
 
 def test_lazy_pairs_set_reads_like_the_eager_one(tmp_path, demo_bin):
-    images, _ = demo_bin
-    root = tmp_path / "lfw"
-    for k, rel in enumerate(("Ann/Ann_0001.jpg", "Ann/Ann_0002.jpg", "Bob/Bob_0001.jpg")):
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(images[k])
+    root = _pairs_folder(tmp_path, demo_bin)
     pairs = tmp_path / "pairs.txt"
     pairs.write_text("2\nAnn 1 2\nAnn 1 Bob 1\n")
     eager = evaluate.load_set(str(pairs))
@@ -180,11 +192,7 @@ def test_engine_evaluates_every_named_set(tmp_path, demo_bin, capsys):
 
 def test_ppfr_eval_scores_a_lazy_set_with_skipped_images(tmp_path, demo_bin):
     from ppfr_jax.evaluate.recognizers import Recognizer, evaluate_set
-    images, same = demo_bin
-    imgs = list(images[:40])
-    imgs[7] = b"not an image"
-    path = tmp_path / "bad.bin"
-    evaluate.save_bin(path, imgs, same[:20])
+    path = _bad_bin(tmp_path, demo_bin)
     f = lambda x: x.astype(np.float32).mean(axis=(1, 2))  # noqa: E731
     rec = Recognizer(apply_fn=f, preprocess=lambda x: x, input_hw=(112, 112), template="arcface", flip=None)
     lazy = evaluate_set(rec, evaluate.load_set(str(path), lazy=True, skip_bad=True))
@@ -194,11 +202,7 @@ def test_ppfr_eval_scores_a_lazy_set_with_skipped_images(tmp_path, demo_bin):
 
 
 def test_a_lazy_pairs_set_keeps_the_files_it_checked(tmp_path, demo_bin):
-    images, _ = demo_bin
-    root = tmp_path / "lfw"
-    for k, rel in enumerate(("Ann/Ann_0001.jpg", "Ann/Ann_0002.jpg", "Bob/Bob_0001.jpg")):
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(images[k])
+    root = _pairs_folder(tmp_path, demo_bin)
     (tmp_path / "pairs.txt").write_text("2\nAnn 1 2\nAnn 1 Bob 1\n")
     lazy = evaluate.load_set(str(tmp_path / "pairs.txt"), lazy=True)
     before = np.asarray(lazy.interleaved()[0])
