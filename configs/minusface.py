@@ -93,6 +93,10 @@ with stage 2's budget (``configs/arcface.py:demo,match=minusface``; ``baseline=F
 
     python -m ppfr_jax.main --config configs/minusface.py:demo --workdir runs/minusface_demo
 
+Measured 2026-12-07 from a fresh clone on an idle 2-core AMD EPYC (bench/RESULTS.md, "MinusFace demo
+pipeline"): stage 1 4m20s -> 57.1%, stage 2 5m02s -> 54.5% ± 4.0 (chance), RGB baseline 1m11s -> 81.3%,
+attack 4m15s (recovered SSIM 0.401, CASIA on recovered faces 51.0%); 14m49s of stages.
+
 Stage fields are under ``config.stages.stage1`` / ``config.stages.stage2``, the attack's under ``config.privacy``.
 """
 import pathlib
