@@ -58,6 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--embedding", type=int, default=512)
     p.add_argument("--sample-rate", type=float, default=1.0,
                    help="head.sample_rate (PartialFC v2): logits per device (global batch, int(r * C / D))")
+    p.add_argument("--class-chunk", type=int, default=0,
+                   help="head.class_chunk: columns per class shard whose logits exist at once (0 = the whole shard)")
     p.add_argument("--backbone", default="ir_tiny", help="engine step only")
     return p.parse_args(argv)
 
@@ -129,6 +131,8 @@ def _arcface_config(num_classes, n, model, a):
     cfg.eval.pairs = ""
     cfg.num_train_steps = 1
     cfg.mesh.model = model
+    cfg.head.sample_rate = a.sample_rate
+    cfg.head.class_chunk = a.class_chunk
     return cfg
 
 
@@ -157,7 +161,7 @@ def run_case(step, num_classes, n, model, a) -> dict:
     if step == "engine":
         compiled, extra = _compile_engine(cfg, mesh, num_classes, gb)
     else:
-        compiled, extra = _compile_head(cfg, mesh, num_classes, padded, gb, a.sample_rate)
+        compiled, extra = _compile_head(cfg, mesh, num_classes, padded, gb, a.sample_rate, a.class_chunk)
     compile_s = time.perf_counter() - t0
     f32 = 4
     head_param = per_dev_classes * a.embedding * f32
@@ -171,11 +175,17 @@ def run_case(step, num_classes, n, model, a) -> dict:
         "expect_head_kernel_bytes": head_param,
         "expect_head_state_bytes": 2 * head_param,  # kernel + momentum (arguments; aliased to outputs)
         "expect_head_state_and_grad_bytes": 3 * head_param,
-        "sample_rate": a.sample_rate,
-        "expect_logits_bytes": gb * (int(a.sample_rate * per_dev_classes) if step == "head" else per_dev_classes) * f32,
+        "sample_rate": a.sample_rate, "class_chunk": a.class_chunk,
+        # one float32 (global batch, logit columns per device) buffer: the sampled columns, or one chunk of them
+        "expect_logits_bytes": gb * _logit_columns(per_dev_classes, a.sample_rate, a.class_chunk) * f32,
         **extra,
     }
     return rec
+
+
+def _logit_columns(per_dev_classes, sample_rate, class_chunk):
+    cols = int(sample_rate * per_dev_classes) if sample_rate < 1 else per_dev_classes
+    return min(cols, class_chunk) if class_chunk > 0 else cols
 
 
 def _compile_engine(cfg, mesh, num_classes, gb):
@@ -199,17 +209,18 @@ def _compile_engine(cfg, mesh, num_classes, gb):
     return compiled, {"replicated_state_bytes": int(rep)}
 
 
-def _compile_head(cfg, mesh, num_classes, padded, gb, sample_rate=1.0):
+def _compile_head(cfg, mesh, num_classes, padded, gb, sample_rate=1.0, class_chunk=0):
     import functools
 
     import jax
     import jax.numpy as jnp
     import optax
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from ppfr_jax import heads, losses
+    from ppfr_jax import heads
     h = cfg.head
     head = heads.MarginHead(num_classes=num_classes, kind=h.kind, scale=h.scale, margin=h.margin,
-                            padded_classes=padded, sample_rate=sample_rate, num_shards=mesh.size)
+                            padded_classes=padded, sample_rate=sample_rate, num_shards=mesh.size,
+                            class_chunk=class_chunk)
     o = cfg.optim
     tx = optax.chain(optax.add_decayed_weights(o.weight_decay), optax.sgd(o.lr, momentum=o.momentum))
     d = cfg.model.embedding_size
@@ -225,8 +236,9 @@ def _compile_head(cfg, mesh, num_classes, padded, gb, sample_rate=1.0):
         params, opt_state = state
 
         def loss_fn(p):
-            out = head.apply({"params": p}, emb, labels, train=True, rngs={"sample": jax.random.key(0)})
-            return losses.softmax_cross_entropy(out[0], out[2] if len(out) == 3 else labels)
+            # the task's loss: the head's cross-entropy (class-chunked when class_chunk > 0)
+            return head.apply({"params": p}, emb, labels, train=True, return_loss=True,
+                              rngs={"sample": jax.random.key(0)})["loss"]
 
         loss, g = jax.value_and_grad(loss_fn)(params)
         upd, opt_state = tx.update(g, opt_state, params)

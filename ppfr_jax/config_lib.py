@@ -130,7 +130,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.model = ml_collections.ConfigDict(dict(
         backbone="ir18", input="rgb", embedding_size=512, dropout=0.4))
-    c.head = ml_collections.ConfigDict(dict(kind="arcface", scale=64.0, margin=0.5, sample_rate=1.0))
+    c.head = ml_collections.ConfigDict(dict(kind="arcface", scale=64.0, margin=0.5, sample_rate=1.0, class_chunk=0))
     c.data = ml_collections.ConfigDict(dict(
         source="demo", path="", index="", tfds_name="", num_classes=0, flip=True, shuffle_buffer=2048,
         skip_bad=False, landmarks=False))
@@ -289,6 +289,7 @@ NUMERIC_FIELDS: dict[str, Range] = {
     "head.scale": _RATE,
     "head.margin": Range(False, 0, math.pi, hi_open=True, optional=True),
     "head.sample_rate": Range(False, 0, 1, lo_open=True),
+    "head.class_chunk": _COUNT,
     "data.num_classes": _COUNT,
     "data.shuffle_buffer": _POSITIVE,
     "eval.every_steps": _COUNT,
@@ -403,6 +404,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         bad("model.input", f"unknown input {m.input!r}; choose one of {INPUTS}")
     if config.head.kind not in HEADS:
         bad("head.kind", f"unknown head {config.head.kind!r}; choose one of {HEADS}")
+    if config.head.get("class_chunk", 0) and config.head.kind not in ("arcface", "cosface"):
+        bad("head.class_chunk", f"the class-chunked softmax supports the arcface and cosface heads, not "
+                                f"{config.head.kind!r} (CurricularFace modulates every logit by the target "
+                                f"cosine); set head.class_chunk=0")
     o = config.optim
     if list(o.boundaries_epochs) != sorted(o.boundaries_epochs):
         bad("optim.boundaries_epochs", f"must be increasing, got {list(o.boundaries_epochs)}")

@@ -14,12 +14,15 @@ the kernel to ``padded_classes`` columns; padded columns get a logit of
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from ppfr_jax import losses
 
 Dtype = Any
 _NEG = -1e30  # logit of padded / unsampled classes (finite: keeps 0 * x NaN-free)
@@ -131,12 +134,19 @@ class MarginHead(nn.Module):
         dropped (their rows get label -1 and no loss); PartialFC v2 grows the
         sample instead, which static shapes cannot.
       num_shards: the class shard count (the devices the kernel is sharded over).
+      class_chunk: 0 (default) or the columns of each class shard whose logits are
+        computed at a time by ``return_loss=True`` (``chunked_margin_cross_entropy``:
+        the (B, C/D) logits are never held, forward or backward; same loss and
+        gradients). ArcFace and CosFace only (ValueError for CurricularFace).
 
     Call: ``(embeddings (B, D), labels (B,) int, train=False) -> (logits, origin_logits)``,
     both (B, padded_classes); when sampling ``(logits, origin_logits, labels)``
     with (B, num_shards * num_sample) logits and the labels remapped into that
-    index space (-1: no loss). Uses the rng stream
-    'sample' when sampling.
+    index space (-1: no loss). With ``return_loss=True``: ``{'loss', 'accuracy'}``
+    (``'accuracy_sampled'`` when sampling: over the sampled classes only), the
+    mean cross-entropy of the margin logits and the top-1 of the plain cosines,
+    over the rows with a label (``losses.softmax_cross_entropy`` / ``top1_accuracy``).
+    Uses the rng stream 'sample' when sampling.
     """
 
     num_classes: int
@@ -148,10 +158,11 @@ class MarginHead(nn.Module):
     padded_classes: int | None = None
     sample_rate: float = 1.0
     num_shards: int = 1
+    class_chunk: int = 0
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, embeddings, labels, train: bool = False):
+    def __call__(self, embeddings, labels, train: bool = False, return_loss: bool = False):
         width = self.padded_classes or self.num_classes
         if width < self.num_classes:
             raise ValueError(f"padded_classes={width} < num_classes={self.num_classes}")
@@ -173,6 +184,11 @@ class MarginHead(nn.Module):
             kernel, labels, keep = self._sample(kernel, labels, width, shard, num_sample)
         else:
             keep = jnp.arange(width) < self.num_classes
+        acc_key = "accuracy_sampled" if sampled else "accuracy"
+        if self.class_chunk < 0:
+            raise ValueError(f"config.head.class_chunk must be >= 0 (0 = off), got {self.class_chunk}")
+        if return_loss and self.class_chunk > 0:
+            return self._chunked_loss(embeddings, kernel, labels, keep, acc_key)
         # the head runs in float32 even under bf16 compute: margins need the precision
         cos = cosine_logits(embeddings.astype(jnp.float32), kernel)
         if self.kind == "arcface":
@@ -190,7 +206,21 @@ class MarginHead(nn.Module):
             raise ValueError(f"unknown head kind {self.kind!r}; expected arcface, cosface or curricularface")
         out = jnp.where(keep, out, _NEG)
         origin = jnp.where(keep, origin, _NEG)
+        if return_loss:
+            return {"loss": losses.softmax_cross_entropy(out, labels), acc_key: losses.top1_accuracy(origin, labels)}
         return (out, origin, labels) if sampled else (out, origin)
+
+    def _chunked_loss(self, embeddings, kernel, labels, keep, acc_key):
+        """``return_loss`` through ``chunked_margin_cross_entropy`` on the (D, S, n) view of the kernel."""
+        margin = {"arcface": 0.5, "cosface": 0.4}.get(self.kind, 0.5) if self.margin is None else self.margin
+        target_fn = _target_logit_fn(self.kind, float(self.scale), float(margin), self.easy_margin)
+        s = self.num_shards if kernel.shape[1] % self.num_shards == 0 else 1
+        n = kernel.shape[1] // s
+        e = l2_normalize(embeddings.astype(jnp.float32), 1)
+        k = l2_normalize(kernel, 0).reshape(kernel.shape[0], s, n)
+        loss, top1 = chunked_margin_cross_entropy(target_fn, float(self.scale), min(int(self.class_chunk), n), e, k,
+                                                  labels, keep.reshape(s, n))
+        return {"loss": loss, acc_key: top1}
 
     def _sample(self, kernel, labels, width, shard, num_sample):
         """PartialFC v2 per-shard sampling -> (gathered kernel (D, S*n), remapped labels (B,), keep (S*n,)).
@@ -200,8 +230,10 @@ class MarginHead(nn.Module):
         device ever holds more than its (D, n) slice of centres or (B, n) slice of logits.
         """
         s = self.num_shards
-        cls = jnp.arange(width).reshape(s, shard)
-        positive = jnp.any(cls[None] == labels[:, None, None], axis=0)  # (S, shard), labels are global
+        # (S, shard): the classes of the (global) batch, by a scatter of the labels: a (B, S, shard) comparison
+        # would be the step's largest buffer (640 MB per device at 10M classes, 64 devices, batch 4096)
+        target = jnp.where((labels >= 0) & (labels < width), labels, width)  # out of range: dropped
+        positive = jnp.zeros((width,), bool).at[target].set(True, mode="drop").reshape(s, shard)
         u = jax.random.uniform(self.make_rng("sample"), (s, shard))
         score = jnp.where(positive, 2.0 + u, u)  # positives first, then random negatives
         _, idx = jax.lax.top_k(score, num_sample)
@@ -215,3 +247,139 @@ class MarginHead(nn.Module):
         new = jnp.where(jnp.any(hit, 1), lab_shard * num_sample + jnp.argmax(hit, 1), -1)
         keep = (g_idx < self.num_classes).reshape(-1)
         return sub.reshape(kernel.shape[0], s * num_sample), new.astype(labels.dtype), keep
+
+
+# ----------------------------------------------------------------------------- class-chunked softmax
+
+
+def _target_logit_fn(kind: str, scale: float, margin: float, easy_margin: bool):
+    """The scaled target logit as a function of the target cosine t (B,): ArcFace / CosFace, as above."""
+    if kind == "arcface":
+        def f(t):
+            cos_tm = t * math.cos(margin) - _sin_from_cos(t) * math.sin(margin)
+            if easy_margin:
+                return jnp.where(t > 0, cos_tm, t) * scale
+            return jnp.where(t > math.cos(math.pi - margin), cos_tm,
+                             t - math.sin(math.pi - margin) * margin) * scale
+    elif kind == "cosface":
+        def f(t):
+            return (t - margin) * scale
+    else:
+        raise ValueError(f"config.head.class_chunk > 0 supports the arcface and cosface heads, not {kind!r} "
+                         f"(CurricularFace modulates every logit by the target cosine: set head.class_chunk=0)")
+    return f
+
+
+def _chunk_pieces(e, k, labels, keep, c, chunk):
+    """Chunk ``c`` of every shard: cosines (B, S, chunk), its new columns (chunk,), target mask (B, S, chunk).
+
+    The last chunk of a shard whose width is not a multiple of ``chunk`` starts at ``n - chunk``
+    (``dynamic_slice`` clamps): its columns already seen are masked out (``fresh``).
+    """
+    n = k.shape[2]
+    start = jnp.minimum(c * chunk, n - chunk)
+    col = start + jnp.arange(chunk)
+    fresh = col >= c * chunk
+    kc = jax.lax.dynamic_slice_in_dim(k, start, chunk, axis=2)
+    keepc = jax.lax.dynamic_slice_in_dim(keep, start, chunk, axis=1) & fresh[None]
+    raw = jnp.einsum("bd,dsc->bsc", e, kc, precision=jax.lax.Precision.HIGHEST)
+    gidx = jnp.arange(k.shape[1])[:, None] * n + col[None]  # (S, chunk) column in the S * n index space
+    is_t = (gidx[None] == labels[:, None, None]) & fresh[None, None]
+    return kc, raw, keepc, gidx, is_t
+
+
+def _chunked_forward(target_fn, scale, chunk, e, k, labels, keep):
+    n = k.shape[2]
+    nc = -(-n // chunk)
+    b = e.shape[0]
+
+    def body(carry, c):
+        m_run, s_run, t, best, arg = carry
+        _, raw, keepc, gidx, is_t = _chunk_pieces(e, k, labels, keep, c, chunk)
+        cos = jnp.clip(raw, -1.0, 1.0)
+        t = t + jnp.sum(jnp.where(is_t, cos, 0.0), axis=(1, 2))
+        nt = keepc[None] & ~is_t
+        z = jnp.where(nt, scale * cos, _NEG)
+        m_new = jnp.maximum(m_run, jnp.max(z, axis=(1, 2)))
+        s_run = s_run * jnp.exp(m_run - m_new) + jnp.sum(jnp.where(nt, jnp.exp(z - m_new[:, None, None]), 0.0),
+                                                         axis=(1, 2))
+        # top-1 of the plain cosines (as ``top1_accuracy(origin)``: the first maximum wins)
+        o = jnp.where(keepc[None], scale * cos, _NEG).reshape(b, -1)
+        j = jnp.argmax(o, axis=1)
+        v = jnp.take_along_axis(o, j[:, None], 1)[:, 0]
+        better = v > best
+        arg = jnp.where(better, gidx.reshape(-1)[j], arg)
+        best = jnp.where(better, v, best)
+        return (m_new, s_run, t, best, arg), None
+
+    init = (jnp.full((b,), _NEG, jnp.float32), jnp.zeros((b,), jnp.float32), jnp.zeros((b,), jnp.float32),
+            jnp.full((b,), -jnp.inf, jnp.float32), jnp.zeros((b,), labels.dtype))
+    (m_run, s_run, t, _, arg), _ = jax.lax.scan(body, init, jnp.arange(nc))
+    tl = target_fn(t)
+    lse = jnp.logaddexp(m_run + jnp.log(s_run), tl)
+    valid = (labels >= 0).astype(jnp.float32)
+    count = jnp.maximum(jnp.sum(valid), 1.0)
+    loss = jnp.sum((lse - tl) * valid) / count
+    top1 = jnp.sum((arg == labels).astype(jnp.float32) * valid) / count
+    return (loss, top1), (t, lse, valid, count)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def chunked_margin_cross_entropy(target_fn, scale, chunk, e, k, labels, keep):
+    """Margin softmax cross-entropy over class chunks: never more than (B, S, chunk) logits at once.
+
+    The same loss and gradients as ``softmax_cross_entropy`` on the margin logits of
+    ``MarginHead`` (ArcFace / CosFace), computed as an online log-sum-exp over ``chunk``
+    columns of every class shard at a time (``lax.scan``); the backward pass recomputes
+    each chunk's cosines instead of keeping the (B, C) logits (the memory of a
+    class-chunked softmax, e.g. arcface_torch's PartialFC keeps the full buffer).
+
+    Args:
+      target_fn: t (B,) -> scaled target logit (``_target_logit_fn``); scale: s.
+      chunk: columns per shard per scan step (static int >= 1).
+      e: (B, D) L2-normalised embeddings; k: (D, S, n) L2-normalised class centres
+        as S shards of n columns (S: the sharded class axis).
+      labels: (B,) int in [-1, S * n), -1 = no target (no loss, not counted).
+      keep: (S, n) bool, False for padded / unsampled columns (no probability mass).
+    Returns:
+      (mean loss over rows with a label, top-1 of the plain cosines over those rows).
+    """
+    return _chunked_forward(target_fn, scale, chunk, e, k, labels, keep)[0]
+
+
+def _chunked_fwd(target_fn, scale, chunk, e, k, labels, keep):
+    out, (t, lse, valid, count) = _chunked_forward(target_fn, scale, chunk, e, k, labels, keep)
+    return out, (e, k, labels, keep, t, lse, valid, count)
+
+
+def _chunked_bwd(target_fn, scale, chunk, res, g):
+    e, k, labels, keep, t, lse, valid, count = res
+    g_loss = g[0]  # the top-1 has no gradient
+    w = g_loss * valid / count  # (B,) d loss / d row loss
+    tl, t_vjp = jax.vjp(target_fn, t)
+    p_t = jnp.exp(tl - lse)
+    d_t = t_vjp(w * (p_t - 1.0))[0]  # (B,) d loss / d target cosine
+    n = k.shape[2]
+    nc = -(-n // chunk)
+
+    def body(carry, c):
+        de, dk = carry
+        kc, raw, keepc, _, is_t = _chunk_pieces(e, k, labels, keep, c, chunk)
+        cos = jnp.clip(raw, -1.0, 1.0)
+        inside = (raw >= -1.0) & (raw <= 1.0)
+        nt = keepc[None] & ~is_t
+        p = jnp.where(nt, jnp.exp(scale * cos - lse[:, None, None]), 0.0)
+        gc = scale * p * w[:, None, None] + jnp.where(is_t, d_t[:, None, None], 0.0)
+        gc = jnp.where(inside, gc, 0.0)
+        de = de + jnp.einsum("bsc,dsc->bd", gc, kc, precision=jax.lax.Precision.HIGHEST)
+        dkc = jnp.einsum("bd,bsc->dsc", e, gc, precision=jax.lax.Precision.HIGHEST)
+        start = jnp.minimum(c * chunk, n - chunk)
+        old = jax.lax.dynamic_slice_in_dim(dk, start, chunk, axis=2)
+        dk = jax.lax.dynamic_update_slice_in_dim(dk, old + dkc, start, axis=2)
+        return (de, dk), None
+
+    (de, dk), _ = jax.lax.scan(body, (jnp.zeros_like(e), jnp.zeros_like(k)), jnp.arange(nc))
+    return de, dk, None, None
+
+
+chunked_margin_cross_entropy.defvjp(_chunked_fwd, _chunked_bwd)

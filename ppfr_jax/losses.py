@@ -54,7 +54,7 @@ def kl_sparsity(latent, target: float = 0.01):
 
 
 def minus_loss(image, regenerated, latent, logits, labels, weights: Mapping[str, float] | None = None,
-               sparsity_target: float = 0.01):
+               sparsity_target: float = 0.01, ce=None):
     """MinusFace stage-1 loss: gen * L1(X, d(x')*2-1) + fr * CE + spar * KL.
 
     Args:
@@ -63,6 +63,8 @@ def minus_loss(image, regenerated, latent, logits, labels, weights: Mapping[str,
       latent: generator latent (any layout).
       logits, labels: head output and labels.
       weights: {'gen', 'fr', 'spar'}; missing keys take the defaults (5, 1, 0).
+      ce: the cross-entropy already computed by the head (``MarginHead(return_loss=True)``,
+        e.g. class-chunked); ``logits`` and ``labels`` are then not read.
     Returns:
       dict with loss, loss_gen, loss_fr, loss_ls (weighted terms). Terms with a
       zero weight are still reported (as zeros), never computed into NaN.
@@ -72,6 +74,8 @@ def minus_loss(image, regenerated, latent, logits, labels, weights: Mapping[str,
     if unknown:
         raise ValueError(f"unknown MinusFace loss weight(s) {sorted(unknown)}; expected gen, fr, spar")
     loss_gen = w["gen"] * l1_loss(image, regenerated) if w["gen"] else jnp.float32(0)
-    loss_fr = w["fr"] * softmax_cross_entropy(logits, labels) if w["fr"] else jnp.float32(0)
+    if ce is None:
+        ce = softmax_cross_entropy(logits, labels) if w["fr"] else None
+    loss_fr = w["fr"] * ce if w["fr"] else jnp.float32(0)
     loss_ls = w["spar"] * kl_sparsity(latent, sparsity_target) if w["spar"] else jnp.float32(0)
     return {"loss": loss_gen + loss_fr + loss_ls, "loss_gen": loss_gen, "loss_fr": loss_fr, "loss_ls": loss_ls}

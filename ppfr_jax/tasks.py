@@ -64,6 +64,7 @@ class RecognitionTask:
         self.head = heads.MarginHead(
             num_classes=num_classes, kind=h.kind, scale=h.scale, margin=h.get("margin", None),
             padded_classes=padded_classes, sample_rate=h.get("sample_rate", 1.0),
+            class_chunk=int(h.get("class_chunk", 0)),
             # PartialFC samples per shard of the kernel's class axis (sharding.state_shardings)
             num_shards=sharding.class_shard_count() if padded_classes else 1)
 
@@ -125,19 +126,15 @@ class RecognitionTask:
         head_vars = {"params": params["head"]}
         if "head_state" in model_state:
             head_vars["head_state"] = model_state["head_state"]["head"]
-        out, hs = self.head.apply(head_vars, emb.astype(jnp.float32), batch["label"], train=train,
-                                  rngs={"sample": r_h}, mutable=["head_state"])
-        logits, origin = out[:2]
-        labels = out[2] if len(out) == 3 else batch["label"]  # PartialFC: labels in the sampled index space
+        # the loss of the margin logits and the top-1 of the plain cosines (the reference's prec@1, torchkit
+        # accuracy_dist on original_outputs: on the margin logits a model that ranks every face right can
+        # still score 0); under PartialFC sampling the top-1 is over the sampled classes (the positives plus
+        # random negatives), an optimistic figure logged as ``accuracy_sampled``
+        metrics, hs = self.head.apply(head_vars, emb.astype(jnp.float32), batch["label"], train=train,
+                                      return_loss=True, rngs={"sample": r_h}, mutable=["head_state"])
         if "head_state" in model_state:
             new_state = {**new_state, "head_state": {"head": hs["head_state"]}}
-        loss = losses.softmax_cross_entropy(logits, labels)
-        # top-1 on the plain cosines (the reference's prec@1, torchkit accuracy_dist on original_outputs):
-        # on the margin logits a model that ranks every face right can still score 0
-        # under PartialFC sampling the cosines are over the sampled classes only (the positives plus random
-        # negatives): an optimistic top-1, logged under its own name rather than passed off as the full one
-        acc_key = "accuracy_sampled" if len(out) == 3 else "accuracy"
-        metrics = {"loss": loss, acc_key: losses.top1_accuracy(origin, labels)}
+        loss = metrics["loss"]
         return loss, (metrics, new_state)
 
     def embed(self, variables, images):

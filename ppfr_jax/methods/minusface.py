@@ -128,14 +128,15 @@ class MinusFaceTask(tasks.RecognitionTask):
         return variables
 
     # -- loss -----------------------------------------------------------------------------------
-    def objective(self, image, x_encode, latent, logits, labels) -> dict:
+    def objective(self, image, x_encode, latent, logits, labels, ce=None) -> dict:
         """The reference's ``MinusLoss(mode)`` with the configured weights: dict of loss terms.
 
         image / x_encode (B, 112, 112, 3) in [-1, 1] (stage 1: the decoded
         regeneration ``2 idct(g(x)) - 1``; toy: ``g(X)``), latent any layout,
         logits (B, classes), labels (B,).
         """
-        return losses.minus_loss(image, x_encode, latent, logits, labels, self.loss_weights, self.sparsity_target)
+        return losses.minus_loss(image, x_encode, latent, logits, labels, self.loss_weights, self.sparsity_target,
+                                 ce=ce)
 
     def loss(self, params, model_state, batch, rng, train=True):
         r_d, r_h, r_s = jax.random.split(rng, 3)
@@ -151,15 +152,13 @@ class MinusFaceTask(tasks.RecognitionTask):
         head_vars = {"params": params["head"]}
         if "head_state" in model_state:
             head_vars["head_state"] = model_state["head_state"]["head"]
-        h_out, hs = self.head.apply(head_vars, out["x_feature"].astype(jnp.float32), batch["label"],
-                                    train=train, rngs={"sample": r_h}, mutable=["head_state"])
-        logits, origin = h_out[:2]
-        labels = h_out[2] if len(h_out) == 3 else batch["label"]  # PartialFC: labels in the sampled index space
+        head_out, hs = self.head.apply(head_vars, out["x_feature"].astype(jnp.float32), batch["label"],
+                                       train=train, return_loss=True, rngs={"sample": r_h}, mutable=["head_state"])
         if "head_state" in model_state:
             new_state["head_state"] = {"head": hs["head_state"]}
-        terms = self.objective(x, out["x_encode"], out["x_latent"], logits, labels)
-        # plain cosines, as tasks.py (over the sampled classes only under PartialFC)
-        metrics = dict(terms, **{"accuracy_sampled" if len(h_out) == 3 else "accuracy": losses.top1_accuracy(origin, labels)})
+        terms = self.objective(x, out["x_encode"], out["x_latent"], None, None, ce=head_out.pop("loss"))
+        # plain cosines, as tasks.py (``accuracy_sampled`` under PartialFC: over the sampled classes only)
+        metrics = dict(terms, **head_out)
         return terms["loss"], (metrics, new_state)
 
     # -- inference ------------------------------------------------------------------------------
