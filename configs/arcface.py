@@ -24,6 +24,15 @@ layout (``IJB_release/IJBC/meta``, ``loose_crop``)::
 A pack without ``calfw.bin`` / ``cplfw.bin`` (the older faces_emore): name the ones it has,
 ``--config.eval.sets='("lfw.bin", "cfp_fp.bin", "agedb_30.bin")'``.
 
+Millions of identities (Glint360K, WebFace42M: the same RecordIO layout): PartialFC v2 sampling
+and the class-chunked softmax keep the class-sharded head small (10M identities on 64 devices:
+1.19 GiB per device for the head; bench/RESULTS.md, "Class-chunked softmax")::
+
+    python -m ppfr_jax.main --config configs/arcface.py:ir50 --workdir runs/arcface_glint \
+        --config.data.source=recordio --config.data.path=/data/glint360k \
+        --config.head.sample_rate=0.1 --config.head.class_chunk=4096 \
+        --config.eval.root=/data/bins  # if the pack lacks the five .bin files
+
 Expected (IR-50, MS1Mv2, 8 GPUs): LFW 99.77, CFP-FP 98.30, AgeDB 97.88 (SPEC section 5).
 
 ``demo``: a tiny IR on the embedded LFW demo set, about 10 minutes on a
