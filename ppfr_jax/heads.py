@@ -137,7 +137,8 @@ class MarginHead(nn.Module):
       class_chunk: 0 (default) or the columns of each class shard whose logits are
         computed at a time by ``return_loss=True`` (``chunked_margin_cross_entropy``:
         the (B, C/D) logits are never held, forward or backward; same loss and
-        gradients). ArcFace and CosFace only (ValueError for CurricularFace).
+        gradients). ArcFace and CosFace only (ValueError for CurricularFace). Only the
+        ``return_loss=True`` call uses it (the logits call returns the full logits).
 
     Call: ``(embeddings (B, D), labels (B,) int, train=False) -> (logits, origin_logits)``,
     both (B, padded_classes); when sampling ``(logits, origin_logits, labels)``
@@ -284,39 +285,46 @@ def _chunk_pieces(e, k, labels, keep, c, chunk):
     keepc = jax.lax.dynamic_slice_in_dim(keep, start, chunk, axis=1) & fresh[None]
     raw = jnp.einsum("bd,dsc->bsc", e, kc, precision=jax.lax.Precision.HIGHEST)
     gidx = jnp.arange(k.shape[1])[:, None] * n + col[None]  # (S, chunk) column in the S * n index space
-    is_t = (gidx[None] == labels[:, None, None]) & fresh[None, None]
+    is_t = (gidx[None] == labels.astype(jnp.int32)[:, None, None]) & fresh[None, None]
     return kc, raw, keepc, gidx, is_t
 
 
 def _chunked_forward(target_fn, scale, chunk, e, k, labels, keep):
+    # every running figure is kept per shard ((B, S) carries, summed / maximised over S once after the
+    # scan): with S sharded over devices, the scan body then reduces only within each device
     n = k.shape[2]
     nc = -(-n // chunk)
-    b = e.shape[0]
+    b, s = e.shape[0], k.shape[1]
 
     def body(carry, c):
         m_run, s_run, t, best, arg = carry
         _, raw, keepc, gidx, is_t = _chunk_pieces(e, k, labels, keep, c, chunk)
         cos = jnp.clip(raw, -1.0, 1.0)
-        t = t + jnp.sum(jnp.where(is_t, cos, 0.0), axis=(1, 2))
+        t = t + jnp.sum(jnp.where(is_t, cos, 0.0), axis=2)
         nt = keepc[None] & ~is_t
         z = jnp.where(nt, scale * cos, _NEG)
-        m_new = jnp.maximum(m_run, jnp.max(z, axis=(1, 2)))
-        s_run = s_run * jnp.exp(m_run - m_new) + jnp.sum(jnp.where(nt, jnp.exp(z - m_new[:, None, None]), 0.0),
-                                                         axis=(1, 2))
-        # top-1 of the plain cosines (as ``top1_accuracy(origin)``: the first maximum wins)
-        o = jnp.where(keepc[None], scale * cos, _NEG).reshape(b, -1)
-        j = jnp.argmax(o, axis=1)
-        v = jnp.take_along_axis(o, j[:, None], 1)[:, 0]
+        m_new = jnp.maximum(m_run, jnp.max(z, axis=2))
+        s_run = s_run * jnp.exp(m_run - m_new) + jnp.sum(jnp.where(nt, jnp.exp(z - m_new[..., None]), 0.0), axis=2)
+        # top-1 of the plain cosines (as ``top1_accuracy(origin)``: the first maximum wins; within a shard
+        # later chunks hold higher columns, so a strict > keeps the first)
+        o = jnp.where(keepc[None], scale * cos, _NEG)
+        j = jnp.argmax(o, axis=2)  # (B, S)
+        v = jnp.take_along_axis(o, j[..., None], 2)[..., 0]
         better = v > best
-        arg = jnp.where(better, gidx.reshape(-1)[j], arg)
+        arg = jnp.where(better, jnp.take_along_axis(gidx[None], j[..., None], 2)[..., 0], arg)
         best = jnp.where(better, v, best)
         return (m_new, s_run, t, best, arg), None
 
-    init = (jnp.full((b,), _NEG, jnp.float32), jnp.zeros((b,), jnp.float32), jnp.zeros((b,), jnp.float32),
-            jnp.full((b,), -jnp.inf, jnp.float32), jnp.zeros((b,), labels.dtype))
-    (m_run, s_run, t, _, arg), _ = jax.lax.scan(body, init, jnp.arange(nc))
+    init = (jnp.full((b, s), _NEG, jnp.float32), jnp.zeros((b, s), jnp.float32), jnp.zeros((b, s), jnp.float32),
+            jnp.full((b, s), -jnp.inf, jnp.float32), jnp.zeros((b, s), jnp.int32))
+    (m_run, s_run, t, best, arg), _ = jax.lax.scan(body, init, jnp.arange(nc))
+    m_all = jnp.max(m_run, axis=1)
+    s_all = jnp.sum(s_run * jnp.exp(m_run - m_all[:, None]), axis=1)
+    t = jnp.sum(t, axis=1)
+    arg = jnp.take_along_axis(arg, jnp.argmax(best, axis=1)[:, None], 1)[:, 0]  # lowest shard among equal maxima
     tl = target_fn(t)
-    lse = jnp.logaddexp(m_run + jnp.log(s_run), tl)
+    lse = jnp.logaddexp(m_all + jnp.log(s_all), tl)
+    labels = labels.astype(jnp.int32)
     valid = (labels >= 0).astype(jnp.float32)
     count = jnp.maximum(jnp.sum(valid), 1.0)
     loss = jnp.sum((lse - tl) * valid) / count
@@ -363,7 +371,7 @@ def _chunked_bwd(target_fn, scale, chunk, res, g):
     nc = -(-n // chunk)
 
     def body(carry, c):
-        de, dk = carry
+        de, dk = carry  # de per shard (S, B, D), summed after the scan (see _chunked_forward)
         kc, raw, keepc, _, is_t = _chunk_pieces(e, k, labels, keep, c, chunk)
         cos = jnp.clip(raw, -1.0, 1.0)
         inside = (raw >= -1.0) & (raw <= 1.0)
@@ -371,15 +379,16 @@ def _chunked_bwd(target_fn, scale, chunk, res, g):
         p = jnp.where(nt, jnp.exp(scale * cos - lse[:, None, None]), 0.0)
         gc = scale * p * w[:, None, None] + jnp.where(is_t, d_t[:, None, None], 0.0)
         gc = jnp.where(inside, gc, 0.0)
-        de = de + jnp.einsum("bsc,dsc->bd", gc, kc, precision=jax.lax.Precision.HIGHEST)
+        de = de + jnp.einsum("bsc,dsc->sbd", gc, kc, precision=jax.lax.Precision.HIGHEST)
         dkc = jnp.einsum("bd,bsc->dsc", e, gc, precision=jax.lax.Precision.HIGHEST)
         start = jnp.minimum(c * chunk, n - chunk)
         old = jax.lax.dynamic_slice_in_dim(dk, start, chunk, axis=2)
         dk = jax.lax.dynamic_update_slice_in_dim(dk, old + dkc, start, axis=2)
         return (de, dk), None
 
-    (de, dk), _ = jax.lax.scan(body, (jnp.zeros_like(e), jnp.zeros_like(k)), jnp.arange(nc))
-    return de, dk, None, None
+    de0 = jnp.zeros((k.shape[1],) + e.shape, e.dtype)
+    (de, dk), _ = jax.lax.scan(body, (de0, jnp.zeros_like(k)), jnp.arange(nc))
+    return jnp.sum(de, axis=0), dk, None, None
 
 
 chunked_margin_cross_entropy.defvjp(_chunked_fwd, _chunked_bwd)

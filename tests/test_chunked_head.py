@@ -1,5 +1,6 @@
 """Class-chunked margin softmax (``head.class_chunk``): same loss and gradients, never the whole logits."""
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -150,3 +151,37 @@ def test_task_loss_is_the_same_chunked(spec):
     assert m0.keys() == m1.keys() and "accuracy" in m0
     for key in m0:
         np.testing.assert_allclose(m1[key], m0[key], rtol=1e-6, atol=1e-7, err_msg=key)
+
+
+def test_top1_ties_take_the_first_column_and_any_int_labels():
+    """Two identical centres (columns 5 and 9 of 2 shards of 8, chunks of 2): the lower column wins, as argmax."""
+    e = jax.random.normal(jax.random.key(1), (2, E))
+    k = jax.random.normal(jax.random.key(3), (E, 16)) * 0.01
+    k = k.at[:, 5].set(e[0]).at[:, 9].set(e[0]).at[:, 12].set(e[1]).at[:, 14].set(e[1])
+    for labels, want in (([5, 12], 1.0), ([9, 14], 0.0)):
+        for dtype in (jnp.int32, jnp.int16, jnp.uint8):
+            y = jnp.asarray(labels, dtype)
+            accs = [float(heads.MarginHead(num_classes=16, num_shards=2, class_chunk=ch).apply(
+                {"params": {"kernel": k}}, e, y, train=True, return_loss=True)["accuracy"]) for ch in (0, 2)]
+            assert accs == [want, want], (labels, dtype, accs)
+
+
+def test_sharded_chunks_reduce_across_devices_once_per_step():
+    """On 8 class shards the scan body reduces within each device: no all-reduce runs per chunk."""
+    s = 8
+    mesh = Mesh(np.asarray(jax.devices()[:s]).reshape(s, 1), ("data", "model"))
+    c, b = 8 * 64, 32
+    head = heads.MarginHead(num_classes=c, padded_classes=c, num_shards=s, class_chunk=8)
+    ksh = NamedSharding(mesh, P(None, ("data", "model")))
+
+    def f(k, e, y):
+        return head.apply({"params": {"kernel": k}}, e, y, train=True, return_loss=True)["loss"]
+    args = (jax.ShapeDtypeStruct((E, c), jnp.float32, sharding=ksh),
+            jax.ShapeDtypeStruct((b, E), jnp.float32, sharding=NamedSharding(mesh, P("data"))),
+            jax.ShapeDtypeStruct((b,), jnp.int32, sharding=NamedSharding(mesh, P("data"))))
+    hlo = jax.jit(jax.value_and_grad(f, argnums=(0, 1)), out_shardings=(None, (ksh, None))).lower(*args).compile().as_text()
+    bodies = re.findall(r"body=%([\w.\-]+)", hlo)  # the while loops' bodies: the forward and backward scans
+    assert len(bodies) >= 2, "expected the forward and backward scans as while loops"
+    for name in bodies:
+        body = re.search(r"^%" + re.escape(name) + r" .*?^}", hlo, re.S | re.M).group(0)
+        assert "all-reduce(" not in body and "all-gather(" not in body, name
