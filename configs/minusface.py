@@ -122,7 +122,8 @@ def pipeline(a):
         "minusface", {"stage1": get_config(f"stage1,{size}"), "stage2": get_config(f"stage2,{size}")},
         baseline_config=baseline, privacy_config=privacy, baseline=a.baseline, baseline_workdir=a.baseline_workdir,
         # idle 2-core CPU (bench/RESULTS.md): the whole pipeline's ETA scales these by the measured speed
-        estimates_s={"stage1": 360, "stage2": 360, "baseline": 60, "privacy": 120} if size == "demo" else {},
+        # measured 2026-12-07, idle 2-core AMD EPYC (bench/RESULTS.md, "MinusFace demo pipeline")
+        estimates_s={"stage1": 260, "stage2": 300, "baseline": 70, "privacy": 270} if size == "demo" else {},
         grid_rows=6 if size == "demo" else 3)
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from typing import Callable
 
 import ml_collections
@@ -164,8 +165,9 @@ def validate_pipeline(config, workdir: str) -> None:
 
 class Progress:
     """The whole pipeline's ETA: the running phase's own ETA plus the later phases' estimates
-    (``pipeline.estimates_s``, idle 2-core CPU seconds) scaled by how fast the running phase goes
-    compared with its estimate."""
+    (``pipeline.estimates_s``, idle 2-core CPU wall seconds of each whole phase: compiles and
+    evaluations included) scaled by how fast the running phase goes compared with its estimate,
+    like with like: the phase's wall time so far plus its remaining steps, against its estimate."""
 
     def __init__(self, config):
         self.phases = phases(config)
@@ -184,10 +186,17 @@ class Progress:
         return f" | {phase} ETA {format_duration(remaining_s)}, pipeline ETA {format_duration(total)}{tail}"
 
     def engine_hook(self, phase: str) -> Callable:
-        """``progress`` for ``train.train_and_evaluate``: called with (step, num_steps, steps/s)."""
+        """``progress`` for ``train.train_and_evaluate``: called with (step, num_steps, steps/s).
+
+        Made when the phase starts: its projected total is the wall time since then (the compile, the
+        evaluations so far) plus the remaining steps at ``rate``, not the steps alone (which made the
+        later phases look 2-3x shorter than they are: their estimates include compiles and evaluations).
+        """
+        start = time.monotonic()
+
         def hook(step, num_steps, rate):
-            rate = max(rate, 1e-9)
-            return self.suffix(phase, (num_steps - step) / rate, num_steps / rate)
+            remaining = (num_steps - step) / max(rate, 1e-9)
+            return self.suffix(phase, remaining, time.monotonic() - start + remaining)
         return hook
 
     def privacy_log(self, log: Callable) -> Callable:

@@ -106,6 +106,20 @@ def test_progress_eta_scales_later_phases_by_the_measured_speed():
     assert "server ETA" in hook(10, 20, 0.5) and "pipeline ETA" in hook(10, 20, 0.5)
 
 
+def test_progress_counts_the_phase_wall_time_not_only_its_steps(monkeypatch):
+    """Estimates are whole phases (compiles, evaluations): the speed factor compares them with the phase's wall
+    time so far plus its remaining steps (steps alone made the MinusFace pipeline's ETA 2m35s for ~10 minutes)."""
+    c = duetface.get_config("demo")
+    e = c.pipeline.estimates_s
+    now = [1000.0]
+    monkeypatch.setattr(pipeline.time, "monotonic", lambda: now[0])
+    hook = pipeline.Progress(c).engine_hook("client")
+    now[0] += 2 * e.client - 10.0  # compile + evaluations + steps so far: twice the estimate, minus the 10 s left
+    s = hook(10, 20, 1.0)  # 10 steps left at 1 step/s
+    assert "client ETA 10s" in s
+    assert f"pipeline ETA {pipeline_eta(10 + 2 * (e.server + e.baseline + e.privacy))}" in s, s
+
+
 def pipeline_eta(seconds):
     from ppfr_jax.train import format_duration
     return format_duration(seconds)
