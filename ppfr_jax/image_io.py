@@ -54,6 +54,11 @@ def _open(src, what: str) -> Image.Image:
         raise ImageDecodeError(f"{what}: image not found") from None
     except Image.DecompressionBombError as e:
         raise ImageDecodeError(f"{what}: image too large ({e})") from None
+    except Image.UnidentifiedImageError:
+        # PIL's own text names its file object ("<_io.BytesIO object at 0x...>"): noise, the image is named here
+        kind = f"{len(src)} bytes" if isinstance(src, (bytes, bytearray, memoryview)) else "file"
+        raise ImageDecodeError(f"{what}: cannot decode image ({kind} not in an image format PIL reads, such as "
+                               f"JPEG, PNG or BMP)") from None
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:
         raise ImageDecodeError(f"{what}: cannot decode image ({e})") from None
 

@@ -191,3 +191,17 @@ def test_decompression_bomb_is_refused_by_the_bytes_it_holds():
         image_io.decode_rgb(flat, "bomb.png")
     small = _save(Image.new("RGB", (250, 250)), "PNG")  # small flat images stay under the floor
     assert image_io.decode_rgb(small).shape == (250, 250, 3)
+
+
+def test_unidentified_image_error_names_the_image_not_a_file_object(tmp_path):
+    """PIL's text for unknown bytes carries '<_io.BytesIO object at 0x...>': the message names the image instead."""
+    from ppfr_jax import image_io
+    with pytest.raises(image_io.ImageDecodeError) as err:
+        image_io.decode_rgb(b"notanimage", "batch/3.png")
+    assert str(err.value) == ("batch/3.png: cannot decode image (10 bytes not in an image format PIL reads, "
+                              "such as JPEG, PNG or BMP)")
+    bad = tmp_path / "junk.jpg"
+    bad.write_bytes(b"junk" * 10)
+    with pytest.raises(image_io.ImageDecodeError, match=r"junk.jpg: cannot decode image \(file not in an image") as err:
+        image_io.decode_rgb(str(bad), str(bad))
+    assert "0x" not in str(err.value)
