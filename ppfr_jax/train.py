@@ -188,7 +188,22 @@ def _finished_results(workdir: str, config, step: int, setup: Setup, state, mesh
     return results
 
 
-def _results(config, step, wall_s, last_eval, setup: Setup, mesh) -> dict:
+def _report_skipped(batches, reported: int, log) -> int:
+    """Say how many training records ``data.skip_bad`` has skipped since ``reported``; -> the count now.
+
+    ``batches.skipped`` (``TrainIterator`` / ``TfdsIterator``): one message per record skipped, at listing
+    (e.g. a truncated ``train.rec``) or when a batch failed to decode.
+    """
+    skipped = list(getattr(batches, "skipped", None) or ())
+    if len(skipped) > reported:
+        new = skipped[reported:]
+        more = f" (+ {len(new) - 3} more)" if len(new) > 3 else ""
+        log(f"data: {len(new)} bad training record(s) skipped (data.skip_bad=True), {len(skipped)} in all; "
+            + "; ".join(new[:3]) + more)
+    return len(skipped)
+
+
+def _results(config, step, wall_s, last_eval, setup: Setup, mesh, skipped: int = 0) -> dict:
     """results.json: ``eval_sets`` {name: accuracy, std, threshold, pairs} and their mean; ``devtest_*``: the set named devtest."""
     dev = (last_eval.get("sets") or {}).get("devtest", {})
     return {
@@ -201,6 +216,7 @@ def _results(config, step, wall_s, last_eval, setup: Setup, mesh) -> dict:
         "devtest_threshold": dev.get("threshold"),
         "eval_sets": last_eval.get("sets", {}),
         "eval_mean_accuracy": last_eval.get("mean_accuracy"),
+        "data_skipped": skipped,  # training records skipped by data.skip_bad
         "num_classes": setup.num_classes,
         "global_batch": setup.global_batch,
         "devices": mesh.size,
@@ -362,6 +378,7 @@ def _train_locked(config, workdir: str, progress=None) -> dict:
               f"global batch {gb}, {num_classes} classes, {setup.num_steps} steps "
               f"({setup.steps_per_epoch} per epoch), workdir {workdir}", flush=True)
 
+    n_skipped = _report_skipped(batches, 0, log)
     step_rng = jax.random.fold_in(rng, 1)
     meta_fn = lambda s: {"step": s, "data_position": s * gb, "global_batch": gb, "num_classes": num_classes}
     last_eval: dict = {}
@@ -399,6 +416,9 @@ def _train_locked(config, workdir: str, progress=None) -> dict:
                 now = time.time()
                 rate = (step - step_log) / max(now - t_log, 1e-9)
                 t_log, step_log = now, step
+                n_skipped = _report_skipped(batches, n_skipped, log)
+                if n_skipped:
+                    writer.write_scalars(step, {"data/skipped": n_skipped})
                 if jax.process_index() == 0:
                     extra = progress(step, setup.num_steps, rate) if progress is not None else ""
                     acc = (f"acc {summary['accuracy']:.3f}" if "accuracy" in summary
@@ -439,7 +459,8 @@ def _train_locked(config, workdir: str, progress=None) -> dict:
                 mngr.close()
             writer.flush()
 
-    results = _results(config, step, time.time() - t_start, last_eval, setup, mesh)
+    n_skipped = _report_skipped(batches, n_skipped, log)
+    results = _results(config, step, time.time() - t_start, last_eval, setup, mesh, n_skipped)
     if jax.process_index() == 0:
         (workdir_path(workdir) / "results.json").write_text(json.dumps(results, indent=1, default=str))
     return results

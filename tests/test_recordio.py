@@ -155,3 +155,41 @@ def test_config_validation_and_train_source(pack, tmp_path):
     it, n_cls, n = data.train_source(cfg, 8, 2)
     b = next(it)
     assert (n_cls, n, it.step) == (pack[2], N, 3) and b["image"].shape == (8, 112, 112, 3)
+
+
+def test_skipped_records_are_reported(pack, tmp_path, capsys):
+    """skip_bad drops a bad record and says so: a console line naming it, data/skipped, results.json's count."""
+    import json
+    import os as _os
+    from ppfr_jax import train
+    path = pack[0]
+    off = int(_idx(path)[3][1])
+    _patch(path, off, b"\0\0\0\0")
+    cfg = config_lib.load_config_spec(_os.path.join(_os.path.dirname(_os.path.dirname(__file__)), "configs",
+                                                    "arcface.py:tiny"))
+    cfg.data.source = "recordio"
+    cfg.data.path = str(path)
+    cfg.data.skip_bad = True
+    cfg.data.num_classes = 0
+    cfg.num_train_steps = 2
+    cfg.eval.pairs = ""
+    cfg.eval.every_steps = 0
+    res = train.train_and_evaluate(cfg, str(tmp_path / "run"))
+    out = capsys.readouterr().out
+    assert "data: 1 bad training record(s) skipped (data.skip_bad=True), 1 in all; " in out, out
+    assert "record 3" in out and "bad magic number" in out
+    assert res["data_skipped"] == 1
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["data_skipped"] == 1
+
+
+def test_report_skipped_counts_only_new_messages():
+    from ppfr_jax import train
+    lines = []
+
+    class It:
+        skipped = [f"rec {i}: bad" for i in range(5)]
+    assert train._report_skipped(It(), 0, lines.append) == 5
+    assert lines == ["data: 5 bad training record(s) skipped (data.skip_bad=True), 5 in all; "
+                     "rec 0: bad; rec 1: bad; rec 2: bad (+ 2 more)"]
+    assert train._report_skipped(It(), 5, lines.append) == 5 and len(lines) == 1  # nothing new: no line
+    assert train._report_skipped(object(), 0, lines.append) == 0  # iterators without the attribute

@@ -299,7 +299,7 @@ class TrainIterator:
         if not self.skip_bad:
             lines = "\n  ".join(problems.values())
             raise BadRecordError(f"bad training record(s) in the batch of step {self.step}:\n  {lines}\n"
-                                 "(pass skip_bad=True to skip bad records)") from None
+                                 "(--config.data.skip_bad=True skips bad records)") from None
         for i, msg in problems.items():
             self._bad[i] = True
             self.skipped.append(msg)

@@ -291,7 +291,7 @@ def recordio_source(path: str | os.PathLike, *, skip_bad: bool = False) -> Recor
         if msg is not None:
             if not skip_bad:
                 reader.close()
-                raise BadRecordError(msg + " (pass skip_bad=True to skip it)")
+                raise BadRecordError(msg + " (--config.data.skip_bad=True skips it)")
             problems.append(msg)
     reader.close()
     if not rows:
@@ -306,7 +306,7 @@ def recordio_source(path: str | os.PathLike, *, skip_bad: bool = False) -> Recor
         if problem:
             msg = f"{rec} record {r[0]} offset {r[1]} ({idx} line {r[2]}): {problem}"
             if not skip_bad:
-                raise BadRecordError(msg + " (pass skip_bad=True to skip it)")
+                raise BadRecordError(msg + " (--config.data.skip_bad=True skips it)")
             problems.append(msg)
         else:
             keep.append(r)

@@ -191,7 +191,7 @@ def image_folder_source(root: str | os.PathLike, *, skip_bad: bool = False,
         if not imgs:
             msg = f"{os.path.join(root, name)}: identity folder contains no images ({'/'.join(extensions)})"
             if not skip_bad:
-                raise BadRecordError(msg + " (pass skip_bad=True to skip it)")
+                raise BadRecordError(msg + " (--config.data.skip_bad=True skips it)")
             problems.append(msg)
             continue
         lab = len(names)
@@ -218,7 +218,7 @@ def image_folder_source(root: str | os.PathLike, *, skip_bad: bool = False,
                 msg = (f"{f}: no landmarks for it in {landmarks}" if r is None else
                        f"{f}: landmarks (row {r} of {landmarks}): {problem}")
                 if not skip_bad:
-                    raise BadRecordError(msg + " (pass skip_bad=True to skip it)")
+                    raise BadRecordError(msg + " (--config.data.skip_bad=True skips it)")
                 problems.append(msg)
                 continue
             keep.append(j)
@@ -330,7 +330,7 @@ def tface_source(index_path: str | os.PathLike, data_root: str | os.PathLike | N
         msg = f"{index_path} line {line_no}: {why}"
         if not skip_bad:
             reader.close()
-            raise BadRecordError(msg + " (pass skip_bad=True to skip it)")
+            raise BadRecordError(msg + " (--config.data.skip_bad=True skips it)")
         problems.append(msg)
     reader.close()
     rows = rows[~bad]
@@ -377,7 +377,7 @@ def image_folder_to_tface(image_root: str | os.PathLike, out_root: str | os.Path
             problem = src.check(i)
             if problem is not None:
                 if not skip_bad:
-                    raise BadRecordError(problem + " (pass skip_bad=True to skip it)")
+                    raise BadRecordError(problem + " (--config.data.skip_bad=True skips it)")
                 src.problems.append(problem)
                 continue
             rel = pathlib.Path(src.files[i]).relative_to(root).as_posix()
