@@ -450,3 +450,20 @@ def test_records_cli_names_a_bad_index(tmp_path, capsys):
     assert err.startswith("ppfr-records: error: ") and "bad.txt line 1" in err
     assert records_cli.main(["verify", "--index", str(tmp_path / "none.txt")]) == 2
     assert "none.txt" in capsys.readouterr().err
+
+
+def test_deprecated_input_pipeline_module_still_works(tmp_path):
+    """Scripts written against ppfr_jax.input_pipeline (moved to ppfr_jax.data / ppfr-records) keep running, warned."""
+    import importlib
+    import subprocess
+    import sys
+
+    import ppfr_jax.data.pipeline as new_pipeline
+    import ppfr_jax.data.sources as new_sources
+    with pytest.warns(DeprecationWarning, match="ppfr_jax.input_pipeline is deprecated: import from ppfr_jax.data"):
+        old = importlib.reload(importlib.import_module("ppfr_jax.input_pipeline"))
+    assert old.TrainIterator is new_pipeline.TrainIterator and old.tface_source is new_sources.tface_source
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, "-m", "ppfr_jax.input_pipeline", "verify", "--index",
+                        str(tmp_path / "missing.txt")], cwd=root, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "ppfr-records: error:" in p.stderr and "missing.txt" in p.stderr, p.stderr[-1500:]
