@@ -25,4 +25,5 @@ __all__ = ["BadRecordError", "ShardReader", "TrainIterator", "image_folder_to_tf
 
 if __name__ == "__main__":
     from ppfr_jax.cli import records
+    print("python -m ppfr_jax.input_pipeline is deprecated: run 'ppfr-records' (same sub-commands)", file=sys.stderr)
     sys.exit(records.main(sys.argv[1:]))

@@ -192,11 +192,16 @@ class Progress:
         evaluations so far) plus the remaining steps at ``rate``, not the steps alone (which made the
         later phases look 2-3x shorter than they are: their estimates include compiles and evaluations).
         """
-        start = time.monotonic()
+        start = [time.monotonic(), 0]  # wall time and step at which this process started the phase
 
         def hook(step, num_steps, rate):
+            if rate is None:  # the engine's call before its first step: a resumed phase starts at ``step``
+                start[:] = [time.monotonic(), int(step)]
+                return ""
             remaining = (num_steps - step) / max(rate, 1e-9)
-            return self.suffix(phase, remaining, time.monotonic() - start + remaining)
+            # a phase resumed at step k ran only k..N here: its whole-phase figure is scaled by N / (N - k)
+            whole = (time.monotonic() - start[0] + remaining) * num_steps / max(num_steps - start[1], 1)
+            return self.suffix(phase, remaining, whole)
         return hook
 
     def privacy_log(self, log: Callable) -> Callable:

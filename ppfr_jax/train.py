@@ -302,7 +302,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
     """Train (resuming from ``workdir`` if it holds a checkpoint), evaluate, write results.json.
 
     Every log line shows the steps/s since the previous one and the run's ETA; ``progress``, if given, is
-    called there as ``progress(step, num_steps, steps_per_s)`` and the string it returns is appended
+    called once before the first step as ``progress(start_step, num_steps, None)`` (the resume step; its
+    return value is ignored), then there as ``progress(step, num_steps, steps_per_s)`` and the string it returns is appended
     (``ppfr_jax.pipeline`` adds the whole pipeline's ETA this way).
 
     Raises:
@@ -379,6 +380,8 @@ def _train_locked(config, workdir: str, progress=None) -> dict:
               f"({setup.steps_per_epoch} per epoch), workdir {workdir}", flush=True)
 
     n_skipped = _report_skipped(batches, 0, log)
+    if progress is not None:
+        progress(int(jax.device_get(state.step)), setup.num_steps, None)  # the start (resume) step
     step_rng = jax.random.fold_in(rng, 1)
     meta_fn = lambda s: {"step": s, "data_position": s * gb, "global_batch": gb, "num_classes": num_classes}
     last_eval: dict = {}

@@ -118,6 +118,12 @@ def test_progress_counts_the_phase_wall_time_not_only_its_steps(monkeypatch):
     s = hook(10, 20, 1.0)  # 10 steps left at 1 step/s
     assert "client ETA 10s" in s
     assert f"pipeline ETA {pipeline_eta(10 + 2 * (e.server + e.baseline + e.privacy))}" in s, s
+    # resumed at step 10 of 20: this process's wall time covers half the phase, so it counts twice
+    hook = pipeline.Progress(c).engine_hook("client")
+    assert hook(10, 20, None) == ""
+    now[0] += e.client - 10.0
+    s = hook(15, 20, 2.0)  # 5 steps left at 2 steps/s: 2.5 s; whole phase (e.client - 7.5) * 2
+    assert f"pipeline ETA {pipeline_eta(2.5 + (2 * (e.client - 7.5) / e.client) * (e.server + e.baseline + e.privacy))}" in s, s
 
 
 def pipeline_eta(seconds):

@@ -191,7 +191,7 @@ def image_folder_source(root: str | os.PathLike, *, skip_bad: bool = False,
         if not imgs:
             msg = f"{os.path.join(root, name)}: identity folder contains no images ({'/'.join(extensions)})"
             if not skip_bad:
-                raise BadRecordError(msg + " (--config.data.skip_bad=True skips it)")
+                raise BadRecordError(msg + " (skip_bad skips it: --config.data.skip_bad=True in training, --skip-bad in ppfr-records)")
             problems.append(msg)
             continue
         lab = len(names)
@@ -218,7 +218,7 @@ def image_folder_source(root: str | os.PathLike, *, skip_bad: bool = False,
                 msg = (f"{f}: no landmarks for it in {landmarks}" if r is None else
                        f"{f}: landmarks (row {r} of {landmarks}): {problem}")
                 if not skip_bad:
-                    raise BadRecordError(msg + " (--config.data.skip_bad=True skips it)")
+                    raise BadRecordError(msg + " (skip_bad skips it: --config.data.skip_bad=True in training, --skip-bad in ppfr-records)")
                 problems.append(msg)
                 continue
             keep.append(j)
@@ -377,7 +377,7 @@ def image_folder_to_tface(image_root: str | os.PathLike, out_root: str | os.Path
             problem = src.check(i)
             if problem is not None:
                 if not skip_bad:
-                    raise BadRecordError(problem + " (--config.data.skip_bad=True skips it)")
+                    raise BadRecordError(problem + " (skip_bad skips it: --config.data.skip_bad=True in training, --skip-bad in ppfr-records)")
                 src.problems.append(problem)
                 continue
             rel = pathlib.Path(src.files[i]).relative_to(root).as_posix()
