@@ -72,19 +72,21 @@ def _target(cos, onehot):
     return jnp.sum(cos * onehot, axis=1, keepdims=True)
 
 
+def _arcface_target(t, margin, easy_margin=False):
+    """cos(theta + m) of the target cosine ``t``, with the usual fallback (or easy margin)."""
+    cos_tm = t * math.cos(margin) - _sin_from_cos(t) * math.sin(margin)
+    if easy_margin:
+        return jnp.where(t > 0, cos_tm, t)
+    return jnp.where(t > math.cos(math.pi - margin), cos_tm, t - math.sin(math.pi - margin) * margin)
+
+
 def arcface_margin(cos, labels, scale=64.0, margin=0.5, easy_margin=False):
     """ArcFace: replace the target cosine by cos(theta + m) (with the usual fallback).
 
     Returns (scaled logits with margin, scaled logits without margin).
     """
     onehot = _onehot(labels, cos.shape[1], cos.dtype)
-    t = _target(cos, onehot)
-    sin_t = _sin_from_cos(t)
-    cos_tm = t * math.cos(margin) - sin_t * math.sin(margin)
-    if easy_margin:
-        final = jnp.where(t > 0, cos_tm, t)
-    else:
-        final = jnp.where(t > math.cos(math.pi - margin), cos_tm, t - math.sin(math.pi - margin) * margin)
+    final = _arcface_target(_target(cos, onehot), margin, easy_margin)
     out = jnp.where(onehot > 0, final, cos)
     return out * scale, jax.lax.stop_gradient(cos) * scale
 
@@ -257,11 +259,7 @@ def _target_logit_fn(kind: str, scale: float, margin: float, easy_margin: bool):
     """The scaled target logit as a function of the target cosine t (B,): ArcFace / CosFace, as above."""
     if kind == "arcface":
         def f(t):
-            cos_tm = t * math.cos(margin) - _sin_from_cos(t) * math.sin(margin)
-            if easy_margin:
-                return jnp.where(t > 0, cos_tm, t) * scale
-            return jnp.where(t > math.cos(math.pi - margin), cos_tm,
-                             t - math.sin(math.pi - margin) * margin) * scale
+            return _arcface_target(t, margin, easy_margin) * scale
     elif kind == "cosface":
         def f(t):
             return (t - margin) * scale
