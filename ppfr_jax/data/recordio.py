@@ -34,7 +34,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ppfr_jax import image_io
-from ppfr_jax.data.records import BadRecordError
+from ppfr_jax.data.records import SKIP_BAD_HINT, BadRecordError
 
 __all__ = ["MAGIC", "RecordIOSource", "read_idx", "recordio_source", "unpack", "write_recordio_pack"]
 
@@ -291,7 +291,7 @@ def recordio_source(path: str | os.PathLike, *, skip_bad: bool = False) -> Recor
         if msg is not None:
             if not skip_bad:
                 reader.close()
-                raise BadRecordError(msg + " (--config.data.skip_bad=True skips it)")
+                raise BadRecordError(msg + " " + SKIP_BAD_HINT)
             problems.append(msg)
     reader.close()
     if not rows:
@@ -306,7 +306,7 @@ def recordio_source(path: str | os.PathLike, *, skip_bad: bool = False) -> Recor
         if problem:
             msg = f"{rec} record {r[0]} offset {r[1]} ({idx} line {r[2]}): {problem}"
             if not skip_bad:
-                raise BadRecordError(msg + " (--config.data.skip_bad=True skips it)")
+                raise BadRecordError(msg + " " + SKIP_BAD_HINT)
             problems.append(msg)
         else:
             keep.append(r)

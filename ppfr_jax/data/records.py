@@ -45,6 +45,11 @@ class BadRecordError(PpfrError, ValueError):
     """A training record cannot be used; the message names the file and line/offset."""
 
 
+# appended to a BadRecordError's message: how to skip such records instead of stopping
+SKIP_BAD_HINT = "(--config.data.skip_bad=True skips it)"
+SKIP_BAD_HINT_RECORDS = "(skip_bad skips it: --config.data.skip_bad=True in training, --skip-bad in ppfr-records)"
+
+
 def crc32c(data: bytes) -> int:
     """CRC-32C (Castagnoli) of ``data`` (``google-crc32c``: hardware-accelerated C)."""
     return google_crc32c.value(bytes(data))

@@ -25,7 +25,8 @@ import numpy as np
 
 from ppfr_jax import image_io, safe_npz
 from ppfr_jax.demo_data import demo_paths
-from ppfr_jax.data.records import FOOTER, HEADER, BadRecordError, ShardReader, import_tensorflow, write_tface_records
+from ppfr_jax.data.records import (FOOTER, HEADER, SKIP_BAD_HINT, SKIP_BAD_HINT_RECORDS, BadRecordError,
+                                   ShardReader, import_tensorflow, write_tface_records)
 
 tf = import_tensorflow()
 
@@ -191,7 +192,7 @@ def image_folder_source(root: str | os.PathLike, *, skip_bad: bool = False,
         if not imgs:
             msg = f"{os.path.join(root, name)}: identity folder contains no images ({'/'.join(extensions)})"
             if not skip_bad:
-                raise BadRecordError(msg + " (skip_bad skips it: --config.data.skip_bad=True in training, --skip-bad in ppfr-records)")
+                raise BadRecordError(msg + " " + SKIP_BAD_HINT_RECORDS)
             problems.append(msg)
             continue
         lab = len(names)
@@ -218,7 +219,7 @@ def image_folder_source(root: str | os.PathLike, *, skip_bad: bool = False,
                 msg = (f"{f}: no landmarks for it in {landmarks}" if r is None else
                        f"{f}: landmarks (row {r} of {landmarks}): {problem}")
                 if not skip_bad:
-                    raise BadRecordError(msg + " (skip_bad skips it: --config.data.skip_bad=True in training, --skip-bad in ppfr-records)")
+                    raise BadRecordError(msg + " " + SKIP_BAD_HINT_RECORDS)
                 problems.append(msg)
                 continue
             keep.append(j)
@@ -330,7 +331,7 @@ def tface_source(index_path: str | os.PathLike, data_root: str | os.PathLike | N
         msg = f"{index_path} line {line_no}: {why}"
         if not skip_bad:
             reader.close()
-            raise BadRecordError(msg + " (--config.data.skip_bad=True skips it)")
+            raise BadRecordError(msg + " " + SKIP_BAD_HINT)
         problems.append(msg)
     reader.close()
     rows = rows[~bad]
@@ -377,7 +378,7 @@ def image_folder_to_tface(image_root: str | os.PathLike, out_root: str | os.Path
             problem = src.check(i)
             if problem is not None:
                 if not skip_bad:
-                    raise BadRecordError(problem + " (skip_bad skips it: --config.data.skip_bad=True in training, --skip-bad in ppfr-records)")
+                    raise BadRecordError(problem + " " + SKIP_BAD_HINT_RECORDS)
                 src.problems.append(problem)
                 continue
             rel = pathlib.Path(src.files[i]).relative_to(root).as_posix()
