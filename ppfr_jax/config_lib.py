@@ -21,6 +21,8 @@ from ppfr_jax.errors import PpfrError
 INPUTS = ("rgb", "dct")
 HEADS = ("arcface", "cosface", "curricularface")
 DATA_SOURCES = ("demo", "tfrecord", "image_folder", "recordio", "tfds", "synthetic")
+# data.loader: how listed sources are read (ppfr_jax.data.train_source); "auto" = tf.data when TensorFlow imports
+DATA_LOADERS = ("auto", "tf", "numpy")
 
 
 def parse_arg(arg: str | None, lazy: bool = False, **spec) -> ml_collections.ConfigDict:
@@ -133,7 +135,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.head = ml_collections.ConfigDict(dict(kind="arcface", scale=64.0, margin=0.5, sample_rate=1.0, class_chunk=0))
     c.data = ml_collections.ConfigDict(dict(
         source="demo", path="", index="", tfds_name="", num_classes=0, flip=True, shuffle_buffer=2048,
-        skip_bad=False, landmarks=False))
+        skip_bad=False, landmarks=False, loader="auto"))
     # eval.sets: named verification sets (eval_set_specs); () = the one set eval.pairs, named "devtest"
     c.eval = ml_collections.ConfigDict(dict(pairs="demo", sets=(), root="", every_steps=0, batch_size=128,
                                             flip=True))
@@ -443,6 +445,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         if not d.path or missing:
             bad("data.path", f"data.source='recordio' needs data.path: a folder holding train.rec and train.idx "
                              f"(an insightface pack){f'; {d.path!r} lacks {missing}' if d.path else ''}")
+    if d.get("loader", "auto") not in DATA_LOADERS:
+        bad("data.loader", f"must be one of {DATA_LOADERS} ('numpy' reads the records without TensorFlow), "
+                           f"got {d.get('loader')!r}")
     if d.source == "tfds" and not d.tfds_name:
         bad("data.tfds_name", "data.source='tfds' needs data.tfds_name")
     if d.source == "synthetic" and d.num_classes <= 0:

@@ -335,9 +335,47 @@ def _reposition(batches, config, gb: int, step: int):
     return data.train_source(config, gb, step)[0]
 
 
-def _train_locked(config, workdir: str, progress=None) -> dict:
-    from clu import metric_writers, periodic_actions
+class JsonlMetricWriter:
+    """The engine's metric writer where clu's cannot be imported (``clu.metric_writers`` imports
+    TensorFlow's summary writer): ``<workdir>/metrics.jsonl``, one ``{"step": s, name: value, ...}``
+    line per ``write_scalars`` call, and ``hparams.json``. Only for hosts without TensorFlow (e.g. a
+    GPU image with jax alone); TensorBoard event files need TensorFlow."""
 
+    def __init__(self, workdir: str, just_logging: bool = False):
+        self.path = None if just_logging else workdir_path(workdir) / "metrics.jsonl"
+
+    def write_hparams(self, hparams: dict) -> None:
+        if self.path is not None:
+            (self.path.parent / "hparams.json").write_text(json.dumps(hparams, indent=1, default=str))
+
+    def write_scalars(self, step: int, scalars: dict) -> None:
+        if self.path is not None:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _metric_writer_and_hooks(workdir: str, config, num_steps: int, log):
+    """clu's default writer (TensorBoard + log) and its ReportProgress hook; without TensorFlow,
+    :class:`JsonlMetricWriter` and no hook (the console line still shows steps/s and the ETA)."""
+    just_logging = jax.process_index() > 0
+    try:
+        from clu import metric_writers, periodic_actions
+    except ImportError as e:
+        log(f"note: TensorBoard summaries need TensorFlow (clu.metric_writers: {e}); writing "
+            f"{workdir_path(workdir) / 'metrics.jsonl'} instead")
+        return JsonlMetricWriter(workdir, just_logging), []
+    writer = metric_writers.create_default_writer(workdir, just_logging=just_logging)
+    return writer, [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
+                                                    every_steps=config.log_every_steps)]
+
+
+def _train_locked(config, workdir: str, progress=None) -> dict:
     t_start = time.time()
     mesh = create_mesh(config)
     gb = global_batch_size(config, mesh)
@@ -369,11 +407,9 @@ def _train_locked(config, workdir: str, progress=None) -> dict:
     step_fn = compile_train_step(setup)
     evaluator = make_evaluator(config, setup)
 
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    writer, hooks = _metric_writer_and_hooks(workdir, config, setup.num_steps, log)
     if resume_step == 0:
         writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items() if isinstance(v, (int, float, str, bool))})
-    hooks = [periodic_actions.ReportProgress(num_train_steps=setup.num_steps, writer=writer,
-                                             every_steps=config.log_every_steps)]
     if jax.process_index() == 0:
         print(f"training {config.task}/{config.model.backbone} on {mesh.size} device(s) ({jax.default_backend()}), "
               f"global batch {gb}, {num_classes} classes, {setup.num_steps} steps "

@@ -433,12 +433,14 @@ def test_bad_landmarks_are_named(folder, tmp_path):
 
 
 def test_data_package_imports_without_tensorflow():
-    # the engine and the record framing need no TensorFlow; the tf.data sources load it on first use
+    # the engine, the record framing, the sources and the numpy loader need no TensorFlow; tf.data loads it
     code = ("import sys, ppfr_jax.data, ppfr_jax.data.records, ppfr_jax.data.synthetic, ppfr_jax.train; "
             "assert 'tensorflow' not in sys.modules, 'tensorflow imported'; "
             "from ppfr_jax import data; data.BadRecordError, data.synthetic_batches; "
             "assert 'tensorflow' not in sys.modules, 'tensorflow imported'; "
-            "data.tface_source; assert 'tensorflow' in sys.modules")
+            "data.tface_source, data.NumpyTrainIterator, data.loader_class('numpy'); "
+            "assert 'tensorflow' not in sys.modules, 'tensorflow imported by the sources or the numpy loader'; "
+            "data.TrainIterator; assert 'tensorflow' in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
 
 
@@ -467,3 +469,59 @@ def test_deprecated_input_pipeline_module_still_works(tmp_path):
     p = subprocess.run([sys.executable, "-m", "ppfr_jax.input_pipeline", "verify", "--index",
                         str(tmp_path / "missing.txt")], cwd=root, capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "ppfr-records: error:" in p.stderr and "missing.txt" in p.stderr, p.stderr[-1500:]
+
+
+# ----------------------------------------------------------------------------- the numpy loader beside tf.data
+
+
+def _numpy_it(src, **kw):
+    from ppfr_jax.data import host_loader
+    kw.setdefault("global_batch", 4)
+    kw.setdefault("image_size", (S, S))
+    kw.setdefault("process_index", 0)
+    kw.setdefault("process_count", 1)
+    return host_loader.NumpyTrainIterator(src, **kw)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "float32"])
+def test_numpy_loader_reads_what_tf_data_reads(records, dtype):
+    """Same records, order, labels, landmarks and pixels (no flip: the flip draws differ by design)."""
+    src = sources.tface_source(records["index"])
+    kw = dict(seed=7, start_step=3, flip=False, with_landmarks=True, output_dtype=dtype)
+    a, b = _it(src, **kw), _numpy_it(src, **kw)
+    for _ in range(6):
+        x, y = next(a), next(b)
+        assert set(x) == set(y) == {"image", "label", "landmarks"}
+        for k in x:
+            assert x[k].dtype == y[k].dtype and x[k].shape == y[k].shape, k
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+    assert a.state() == b.state() == {"step": 9, "skipped": 0}
+    # two hosts read the same global batch with either loader
+    h = [_numpy_it(src, seed=7, flip=False, output_dtype=dtype, process_index=p, process_count=2) for p in (0, 1)]
+    whole = next(_it(src, seed=7, flip=False, output_dtype=dtype))
+    np.testing.assert_array_equal(np.concatenate([next(i)["label"] for i in h]), whole["label"])
+
+
+def test_numpy_loader_names_and_skips_a_bad_record_as_tf_data_does(records):
+    shard, off = _flip_payload_byte(records, 2)
+    src = sources.tface_source(records["index"])
+    with pytest.raises(sources.BadRecordError, match=rf"step 0:\n.*offset {off} \(.*line 2\): .*data CRC mismatch"):
+        next(_numpy_it(src, seed=0, shuffle=False, flip=False))
+    a = _it(src, seed=0, shuffle=False, flip=False, skip_bad=True)
+    b = _numpy_it(src, seed=0, shuffle=False, flip=False, skip_bad=True)
+    for _ in range(5):
+        x, y = next(a), next(b)
+        np.testing.assert_array_equal(x["image"], y["image"])
+        np.testing.assert_array_equal(x["label"], y["label"])
+    assert a.skipped == b.skipped and len(b.skipped) == 1 and f"offset {off}" in b.skipped[0]
+
+
+def test_example_messages_are_tensorflows():
+    from ppfr_jax.data import example_proto
+    feats = {"image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"jpeg bytes"])),
+             "landmarks": tf.train.Feature(float_list=tf.train.FloatList(value=[0.5, -0.25])),
+             "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[2 ** 40]))}
+    tf_bytes = tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()
+    assert example_proto.features(tf_bytes) == {"image": [b"jpeg bytes"], "landmarks": [0.5, -0.25], "label": [2 ** 40]}
+    ours = example_proto.serialize({"image": b"jpeg bytes", "landmarks": [0.5, -0.25], "label": [2 ** 40]})
+    assert tf.train.Example.FromString(ours) == tf.train.Example.FromString(tf_bytes)

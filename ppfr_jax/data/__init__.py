@@ -1,14 +1,15 @@
 """Training data for the engine: ``train_source(config, global_batch, start_step)``.
 
-Dispatches on ``config.data.source``: ``synthetic`` (:mod:`.synthetic`, no
-TensorFlow), ``demo`` / ``image_folder`` / ``tfrecord`` (:mod:`.sources` listed,
-``recordio``: insightface packs, :mod:`.recordio`,
-:mod:`.pipeline` read through tf.data) and ``tfds`` (:mod:`.tfds`). TensorFlow
-is imported only when a tf.data source is asked for, so ``import
-ppfr_jax.data`` and the model/training core work without it; so do
-:mod:`.records` (TFRecord framing, CRC32C, ``ShardReader``) and
-``BadRecordError``. The other names below (``tface_source``,
-``TrainIterator``, ...) load their module, and TensorFlow, on first use.
+Dispatches on ``config.data.source``: ``synthetic`` (:mod:`.synthetic`),
+``demo`` / ``image_folder`` / ``tfrecord`` (:mod:`.sources` listed) and
+``recordio`` (insightface packs, :mod:`.recordio`), read by
+``config.data.loader`` (:func:`loader_class`: tf.data's :mod:`.pipeline`, or
+:mod:`.host_loader`'s numpy + PIL threads without TensorFlow; ``"auto"``
+picks tf.data when TensorFlow imports), and ``tfds`` (:mod:`.tfds`, tf.data).
+``import ppfr_jax.data``, the sources, the numpy loader and the
+model/training core work without TensorFlow; it is imported only by
+:mod:`.pipeline`, :mod:`.tfds` and the record writers. The other names below
+(``tface_source``, ``TrainIterator``, ...) load their module on first use.
 
 Every source yields per-host numpy batches ``{'image': uint8 (B_local, 112,
 112, 3), 'label': int32 (B_local,)[, 'landmarks': float32 (B_local, K, 2)]}``
@@ -26,12 +27,14 @@ from ppfr_jax.data.synthetic import synthetic_batches
 __all__ = ["BadRecordError", "RecordIOSource", "recordio_source", "write_recordio_pack", "ShardReader", "crc32c", "masked_crc32c", "synthetic_batches", "train_source",
            "write_tface_records"]
 
-# name -> submodule that imports TensorFlow; loaded on first access (PEP 562)
+# name -> submodule, loaded on first access (PEP 562); pipeline and tfds import TensorFlow
 _LAZY = {
     **dict.fromkeys(["IMAGE_EXTENSIONS", "LANDMARK_RANGE", "MAX_LABEL", "Source", "image_folder_source",
                      "image_folder_to_tface", "landmark_problem", "read_tface_index", "source_from_config",
                      "tface_source"], "sources"),
-    **dict.fromkeys(["TrainIterator", "epoch_permutation", "host_batch_indices"], "pipeline"),
+    **dict.fromkeys(["TrainIterator"], "pipeline"),
+    **dict.fromkeys(["NumpyTrainIterator", "RecordStream", "epoch_permutation", "host_batch_indices", "flip_coins"],
+                    "host_loader"),
     **dict.fromkeys(["TfdsIterator", "tfds_train_iterator"], "tfds"),
 }
 
@@ -65,9 +68,34 @@ def train_source(config, global_batch: int, start_step: int):
         it = TfdsIterator(d.tfds_name, d.get("tfds_split", "train"), data_dir=d.get("path") or None,
                           shuffle_buffer=int(d.get("shuffle_buffer", 2048)), **common)
         return it, it.num_classes, it.dataset_size
-    from ppfr_jax.data.pipeline import TrainIterator  # TensorFlow enters here
     from ppfr_jax.data.sources import source_from_config
     src = source_from_config(config)
-    it = TrainIterator(src, with_landmarks=bool(d.get("landmarks", False)),
-                       skip_bad=bool(d.get("skip_bad", False)), **common)
+    it = loader_class(d.get("loader", "auto"))(src, with_landmarks=bool(d.get("landmarks", False)),
+                                                skip_bad=bool(d.get("skip_bad", False)), **common)
     return it, src.num_classes, len(src)
+
+
+def loader_class(loader: str = "auto"):
+    """``config.data.loader`` -> the iterator class for listed sources.
+
+    ``"tf"``: :class:`~ppfr_jax.data.pipeline.TrainIterator` (tf.data; TensorFlow is imported here);
+    ``"numpy"``: :class:`~ppfr_jax.data.host_loader.NumpyTrainIterator` (numpy + PIL threads, no
+    TensorFlow); ``"auto"``: tf.data when TensorFlow imports, else numpy (same records in the same
+    order; the flips are drawn differently: see :mod:`.host_loader`).
+
+    Raises:
+      ValueError: an unknown loader; ImportError naming ``data.loader='numpy'`` for ``"tf"``
+      without TensorFlow.
+    """
+    if loader not in ("auto", "tf", "numpy"):
+        raise ValueError(f"config.data.loader: must be 'auto', 'tf' or 'numpy', got {loader!r}")
+    if loader != "numpy":
+        try:
+            from ppfr_jax.data.pipeline import TrainIterator  # TensorFlow enters here
+            return TrainIterator
+        except ImportError as e:
+            if loader == "tf":
+                raise ImportError(f"config.data.loader='tf' needs TensorFlow ({e}); install it "
+                                  "(pip install tensorflow-cpu) or use --config.data.loader=numpy") from None
+    from ppfr_jax.data.host_loader import NumpyTrainIterator
+    return NumpyTrainIterator

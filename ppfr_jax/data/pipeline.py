@@ -16,47 +16,17 @@ slot takes the next good record in source order (shapes and steps unchanged).
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Callable
 
 import jax
 import numpy as np
 
 from ppfr_jax import image_io
+from ppfr_jax.data.host_loader import RecordStream, epoch_permutation, host_batch_indices  # noqa: F401  (re-exported)
 from ppfr_jax.data.records import BadRecordError, import_tensorflow
 from ppfr_jax.data.sources import LANDMARK_RANGE, Source
 
 tf = import_tensorflow()
-
-
-def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
-    """The record order of one epoch (int64 (n,))."""
-    return np.random.default_rng([int(seed), int(epoch)]).permutation(n)
-
-
-def host_batch_indices(step: int, n: int, global_batch: int, process_index: int, process_count: int,
-                       seed: int, shuffle: bool = True, _cache: dict | None = None):
-    """Records of one host's slice of global batch ``step``.
-
-    Returns:
-      (indices (L,) int64 into the source, positions (L,) int64 in the global
-      stream), L = global_batch // process_count.
-    """
-    spe = n // global_batch
-    epoch, b = divmod(int(step), spe)
-    if not shuffle:
-        order = None
-    elif _cache is not None and _cache.get("epoch") == epoch:
-        order = _cache["perm"]
-    else:
-        order = epoch_permutation(seed, epoch, n)
-        if _cache is not None:
-            _cache.update(epoch=epoch, perm=order)
-    local = global_batch // process_count
-    start = b * global_batch + process_index * local
-    sel = np.arange(start, start + local, dtype=np.int64)
-    idx = sel if order is None else order[sel]
-    pos = int(step) * global_batch + process_index * local + np.arange(local, dtype=np.int64)
-    return idx.astype(np.int64), pos
 
 
 # ----------------------------------------------------------------------------- tf.data
@@ -93,24 +63,14 @@ def flip_coin(seed: int, pos: tf.Tensor) -> tf.Tensor:
     return tf.random.stateless_uniform([], seed=tf.stack([tf.constant(seed, tf.int64), pos])) < 0.5
 
 
-class TrainIterator:
-    """Iterator of per-host training batches (numpy dicts) with a resumable position.
+class TrainIterator(RecordStream):
+    """Iterator of per-host training batches (numpy dicts) with a resumable position, read by tf.data.
 
-    Args:
-      source: a :class:`Source`.
-      global_batch: batch over all processes; must be divisible by ``process_count``.
-      seed: fixes the record order and the flips.
-      start_step: first global batch to produce (resume = the step a checkpoint was saved at).
-      flip: random horizontal flip (p = 0.5, landmarks mirrored as x -> 1 - x).
-      with_landmarks: add ``landmarks`` (B, K, 2); the source must carry them.
-      image_size: (H, W) every image must have; others are resized (bilinear). None: no check.
-      output_dtype: "float32" / "bfloat16" (normalised to [-1, 1]) or "uint8" (raw 0..255,
-        4x less host-to-device traffic; normalise on the device).
-      skip_bad: skip bad records (see module doc) instead of raising BadRecordError.
-      shuffle: False visits records in source order (evaluation-style).
-      process_index / process_count: default ``jax.process_index() / jax.process_count()``.
-      prefetch: batches prepared ahead.
-      threads: size of tf.data's private thread pool (None: TF's default, all cores).
+    Args: those of :class:`~ppfr_jax.data.host_loader.RecordStream` (source, global_batch, seed,
+    start_step, flip, with_landmarks, image_size, output_dtype, skip_bad, shuffle, process_index,
+    process_count, prefetch), and ``threads``: size of tf.data's private thread pool (None: TF's
+    default, all cores). :class:`~ppfr_jax.data.host_loader.NumpyTrainIterator` reads the same
+    records in the same order without TensorFlow.
 
     Attributes:
       step: the global step of the next batch.
@@ -118,56 +78,10 @@ class TrainIterator:
       skipped: messages for records skipped so far (listing problems included).
     """
 
-    def __init__(self, source: Source, *, global_batch: int, seed: int = 0, start_step: int = 0,
-                 flip: bool = True, with_landmarks: bool = False,
-                 image_size: tuple[int, int] | None = (112, 112), output_dtype: str = "float32",
-                 skip_bad: bool = False, shuffle: bool = True, process_index: int | None = None,
-                 process_count: int | None = None, prefetch: int = 2, threads: int | None = None):
-        self.source = source
-        self.process_index = jax.process_index() if process_index is None else int(process_index)
-        self.process_count = jax.process_count() if process_count is None else int(process_count)
-        if global_batch <= 0 or global_batch % self.process_count:
-            raise ValueError(f"global_batch {global_batch} must be a positive multiple of the "
-                             f"{self.process_count} processes")
-        if len(source) < global_batch:
-            raise ValueError(f"the source has {len(source)} records, fewer than one global batch "
-                             f"({global_batch})")
-        if with_landmarks and source.num_landmarks == 0:
-            raise ValueError("with_landmarks=True but the source carries no landmarks")
-        if output_dtype not in DTYPES:
-            raise ValueError(f"output_dtype must be one of {sorted(DTYPES)}, got {output_dtype!r}")
-        self.global_batch = int(global_batch)
-        self.local_batch = self.global_batch // self.process_count
-        self.seed = int(seed)
-        self.step = int(start_step)
-        self.flip = flip
-        self.with_landmarks = with_landmarks
-        self.image_size = tuple(image_size) if image_size is not None else None
-        self.output_dtype = output_dtype
-        self.skip_bad = skip_bad
-        self.shuffle = shuffle
-        self.prefetch = prefetch
+    def __init__(self, source: Source, *, threads: int | None = None, **kw):
+        super().__init__(source, **kw)
         self.threads = threads
-        self.steps_per_epoch = len(source) // self.global_batch
-        self.skipped: list[str] = list(source.problems)
-        self._remap = np.arange(len(source), dtype=np.int64)
-        self._bad = np.zeros(len(source), bool)
-        self._cache: dict = {}
         self._it = None
-
-    @property
-    def num_classes(self) -> int:
-        return self.source.num_classes
-
-    def state(self) -> dict:
-        """Resume information: ``{"step": next step, "skipped": count}``."""
-        return {"step": self.step, "skipped": len(self.skipped)}
-
-    def batch_indices(self, step: int) -> np.ndarray:
-        """Source indices this host reads for global batch ``step`` (after skip substitution)."""
-        idx, _ = host_batch_indices(step, len(self.source), self.global_batch, self.process_index,
-                                    self.process_count, self.seed, self.shuffle, self._cache)
-        return self._remap[idx]
 
     # -- tf.data graph
 
@@ -270,9 +184,6 @@ class TrainIterator:
 
     # -- iteration with diagnosis
 
-    def __iter__(self) -> Iterator[dict]:
-        return self
-
     def __next__(self) -> dict:
         while True:
             if self._it is None:
@@ -296,20 +207,4 @@ class TrainIterator:
         if not problems:
             raise RuntimeError(f"input pipeline failed at step {self.step} and no record of that "
                                f"batch is bad on its own: {err.message.splitlines()[0]}") from err
-        if not self.skip_bad:
-            lines = "\n  ".join(problems.values())
-            raise BadRecordError(f"bad training record(s) in the batch of step {self.step}:\n  {lines}\n"
-                                 "(--config.data.skip_bad=True skips bad records)") from None
-        for i, msg in problems.items():
-            self._bad[i] = True
-            self.skipped.append(msg)
-        self._rebuild_remap()
-
-    def _rebuild_remap(self) -> None:
-        n = len(self.source)
-        good = np.flatnonzero(~self._bad)
-        if good.size == 0:
-            raise BadRecordError("every record of the source is bad")
-        # Next good record in source order (wrapping around), so the slot keeps its shape.
-        nxt = np.searchsorted(good, np.arange(n), side="left")
-        self._remap = good[nxt % good.size]
+        self._bad_batch(problems)

@@ -25,10 +25,9 @@ import numpy as np
 
 from ppfr_jax import image_io, safe_npz
 from ppfr_jax.demo_data import demo_paths
+from ppfr_jax.data import example_proto
 from ppfr_jax.data.records import (FOOTER, HEADER, SKIP_BAD_HINT, SKIP_BAD_HINT_RECORDS, BadRecordError,
-                                   ShardReader, import_tensorflow, write_tface_records)
-
-tf = import_tensorflow()
+                                   ShardReader, write_tface_records)
 
 __all__ = ["BadRecordError", "IMAGE_EXTENSIONS", "LANDMARK_RANGE", "MAX_LABEL", "Source", "image_folder_source",
            "image_folder_to_tface", "landmark_problem", "read_tface_index", "source_from_config", "tface_source"]
@@ -123,7 +122,7 @@ class Source:
             return f"{where}: {e}"
         if self.kind == "tfrecord":
             try:
-                feats = tf.train.Example.FromString(data).features.feature
+                feats = example_proto.parse(data).features.feature
             except Exception as e:  # noqa: BLE001  (protobuf's DecodeError and the like)
                 return f"{where}: not a tf.train.Example ({type(e).__name__}: {e})"
             if "image" not in feats or len(feats["image"].bytes_list.value) != 1:
@@ -342,7 +341,10 @@ def tface_source(index_path: str | os.PathLike, data_root: str | os.PathLike | N
                  num_classes=int(rows[:, 2].max()) + 1, index_path=index_path,
                  index_lines=rows[:, 3].copy(), problems=problems)
     # The first record tells whether the records carry landmarks, and how many.
-    ex = tf.train.Example.FromString(src.read_bytes(0)).features.feature
+    try:
+        ex = example_proto.parse(src.read_bytes(0)).features.feature
+    except Exception as e:  # noqa: BLE001  (protobuf's DecodeError and the like)
+        raise BadRecordError(f"{src.describe(0)}: not a tf.train.Example ({type(e).__name__}: {e})") from None
     if "image" not in ex:
         raise BadRecordError(f"{src.describe(0)}: Example has no 'image' feature (keys: {sorted(ex)})")
     if "landmarks" in ex:
