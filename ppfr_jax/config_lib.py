@@ -448,6 +448,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     if d.get("loader", "auto") not in DATA_LOADERS:
         bad("data.loader", f"must be one of {DATA_LOADERS} ('numpy' reads the records without TensorFlow), "
                            f"got {d.get('loader')!r}")
+    if d.get("loader", "auto") == "numpy" and d.source == "tfds":
+        bad("data.loader", "'numpy' reads the listed sources (demo, tfrecord, image_folder, recordio); "
+                           "data.source='tfds' streams through tf.data: use data.loader='auto' or 'tf'")
     if d.source == "tfds" and not d.tfds_name:
         bad("data.tfds_name", "data.source='tfds' needs data.tfds_name")
     if d.source == "synthetic" and d.num_classes <= 0:

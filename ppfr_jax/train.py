@@ -203,7 +203,7 @@ def _report_skipped(batches, reported: int, log) -> int:
     return len(skipped)
 
 
-def _results(config, step, wall_s, last_eval, setup: Setup, mesh, skipped: int = 0) -> dict:
+def _results(config, step, wall_s, last_eval, setup: Setup, mesh, skipped: int = 0, loader: str | None = None) -> dict:
     """results.json: ``eval_sets`` {name: accuracy, std, threshold, pairs} and their mean; ``devtest_*``: the set named devtest."""
     dev = (last_eval.get("sets") or {}).get("devtest", {})
     return {
@@ -217,6 +217,7 @@ def _results(config, step, wall_s, last_eval, setup: Setup, mesh, skipped: int =
         "eval_sets": last_eval.get("sets", {}),
         "eval_mean_accuracy": last_eval.get("mean_accuracy"),
         "data_skipped": skipped,  # training records skipped by data.skip_bad
+        "data_loader": loader,  # "tf" / "numpy" for the listed sources (what data.loader resolved to), else None
         "num_classes": setup.num_classes,
         "global_batch": setup.global_batch,
         "devices": mesh.size,
@@ -329,8 +330,8 @@ def format_duration(seconds: float) -> str:
 
 def _reposition(batches, config, gb: int, step: int):
     """The training iterator at ``step`` (after a fallback to an older checkpoint)."""
-    if hasattr(batches, "step") and getattr(batches, "_it", None) is None:  # a TrainIterator not yet started
-        batches.step = int(step)
+    if hasattr(batches, "reposition"):  # the listed sources' loaders (RecordStream)
+        batches.reposition(step)
         return batches
     return data.train_source(config, gb, step)[0]
 
@@ -350,7 +351,7 @@ class JsonlMetricWriter:
 
     def write_scalars(self, step: int, scalars: dict) -> None:
         if self.path is not None:
-            with open(self.path, "a") as fh:
+            with self.path.open("a") as fh:
                 fh.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
 
     def flush(self) -> None:
@@ -407,6 +408,9 @@ def _train_locked(config, workdir: str, progress=None) -> dict:
     step_fn = compile_train_step(setup)
     evaluator = make_evaluator(config, setup)
 
+    if getattr(batches, "loader", None) == "numpy" and config.data.get("loader", "auto") == "auto":
+        log(f"data: reading the records with the numpy loader (data.loader=auto: TensorFlow does not import here: "
+            f"{data.TF_IMPORT_ERROR}); its flips differ from tf.data's draw")
     writer, hooks = _metric_writer_and_hooks(workdir, config, setup.num_steps, log)
     if resume_step == 0:
         writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items() if isinstance(v, (int, float, str, bool))})
@@ -499,7 +503,8 @@ def _train_locked(config, workdir: str, progress=None) -> dict:
             writer.flush()
 
     n_skipped = _report_skipped(batches, n_skipped, log)
-    results = _results(config, step, time.time() - t_start, last_eval, setup, mesh, n_skipped)
+    results = _results(config, step, time.time() - t_start, last_eval, setup, mesh, n_skipped,
+                       getattr(batches, "loader", None))
     if jax.process_index() == 0:
         (workdir_path(workdir) / "results.json").write_text(json.dumps(results, indent=1, default=str))
     return results

@@ -430,6 +430,14 @@ def test_bad_landmarks_are_named(folder, tmp_path):
     b = _take(it, 3)
     assert all(np.isfinite(x["landmarks"]).all() and np.abs(x["landmarks"]).max() <= 2 for x in b)
     assert len(it.skipped) == 2
+    # the numpy loader checks them as tf.data's graph does
+    with pytest.raises(sources.BadRecordError, match=r"step 0:\n.*line 3\): field 'landmarks': non-finite"):
+        next(_numpy_it(src, seed=0, shuffle=False, flip=False, with_landmarks=True))
+    nit = _numpy_it(src, seed=0, shuffle=False, flip=False, with_landmarks=True, skip_bad=True)
+    for x, y in zip(b, _take(nit, 3)):
+        np.testing.assert_array_equal(x["landmarks"], y["landmarks"])
+        np.testing.assert_array_equal(x["label"], y["label"])
+    assert nit.skipped == it.skipped
 
 
 def test_data_package_imports_without_tensorflow():
@@ -483,7 +491,7 @@ def _numpy_it(src, **kw):
     return host_loader.NumpyTrainIterator(src, **kw)
 
 
-@pytest.mark.parametrize("dtype", ["uint8", "float32"])
+@pytest.mark.parametrize("dtype", ["uint8", "float32", "bfloat16"])
 def test_numpy_loader_reads_what_tf_data_reads(records, dtype):
     """Same records, order, labels, landmarks and pixels (no flip: the flip draws differ by design)."""
     src = sources.tface_source(records["index"])
@@ -525,3 +533,27 @@ def test_example_messages_are_tensorflows():
     assert example_proto.features(tf_bytes) == {"image": [b"jpeg bytes"], "landmarks": [0.5, -0.25], "label": [2 ** 40]}
     ours = example_proto.serialize({"image": b"jpeg bytes", "landmarks": [0.5, -0.25], "label": [2 ** 40]})
     assert tf.train.Example.FromString(ours) == tf.train.Example.FromString(tf_bytes)
+
+
+def test_numpy_loader_read_ahead_skips_and_resizes_as_tf_data(folder, records, tmp_path):
+    # bad records in batches already read ahead (prefetch 4): the same substitutes as tf.data
+    src = sources.tface_source(records["index"])
+    for line in (6, 10):  # records of steps 1 and 2 (batch 4, source order)
+        _flip_payload_byte(records, line)
+    src = sources.tface_source(records["index"])
+    a = _it(src, seed=0, shuffle=False, flip=False, skip_bad=True)
+    b = _numpy_it(src, seed=0, shuffle=False, flip=False, skip_bad=True, prefetch=4)
+    for _ in range(4):
+        np.testing.assert_array_equal(next(a)["label"], next(b)["label"])
+    assert a.skipped == b.skipped and len(b.skipped) == 2
+    # images of other sizes: both resize to image_size (PIL's antialiased bilinear vs tf.image.resize)
+    root, _ = folder
+    rng = np.random.default_rng(1)
+    for k, (w, h) in enumerate([(37, 41), (64, 64), (30, 25)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / "bob" / f"big{k}.png")
+    src = sources.image_folder_source(root)
+    x = next(_it(src, seed=0, shuffle=False, flip=False, global_batch=18, output_dtype="uint8"))
+    y = next(_numpy_it(src, seed=0, shuffle=False, flip=False, global_batch=18, output_dtype="uint8"))
+    d = np.abs(x["image"].astype(int) - y["image"].astype(int))
+    assert x["image"].shape == y["image"].shape == (18, S, S, 3)
+    assert d.max() <= 12 and d.mean() < 1.0, (d.max(), d.mean())  # resamplers differ in their filter support

@@ -136,6 +136,68 @@ def test_a_bad_image_is_named_or_skipped(folder):
     assert all(b["image"].shape == (6, S, S, 3) for b in batches)
 
 
+def test_a_passing_read_error_is_retried_and_a_lasting_one_named(folder, monkeypatch):
+    root, _ = folder
+    src = sources.image_folder_source(root)
+    read, calls = src.read_bytes, []
+
+    def flaky(i):
+        calls.append(i)
+        if i == 1 and calls.count(1) == 1:
+            raise OSError(5, "Input/output error")
+        return read(i)
+
+    monkeypatch.setattr(src, "read_bytes", flaky)
+    it = _it(src, seed=0, flip=False, shuffle=False, skip_bad=True, prefetch=1)
+    b = next(it)
+    assert it.skipped == [] and list(it.batch_indices(0)) == [0, 1, 2, 3] and calls.count(1) == 2
+    np.testing.assert_array_equal(b["label"], src.labels[:4])
+
+    def broken(i):
+        if i == 1:
+            raise OSError(5, "Input/output error")
+        return read(i)
+
+    monkeypatch.setattr(src, "read_bytes", broken)
+    with pytest.raises(RuntimeError, match=r"step 0 and no record of that batch is bad on its own: .*alice.1\.jpg: "
+                                           r"OSError: \[Errno 5\] Input/output error"):
+        next(_it(src, seed=0, flip=False, shuffle=False, skip_bad=True))
+
+
+def test_reposition_drops_what_was_read_ahead(folder):
+    root, _ = folder
+    src = sources.image_folder_source(root)
+    it = _it(src, seed=4, prefetch=3, output_dtype="uint8")
+    next(it), next(it)
+    it.reposition(1)
+    want = [next(_it(src, seed=4, output_dtype="uint8", start_step=s)) for s in (1, 2)]
+    for w in want:
+        np.testing.assert_array_equal(next(it)["image"], w["image"])
+    assert it.step == 3
+
+
+def test_metric_writer_without_clu(tmp_path, monkeypatch):
+    """clu.metric_writers imports TensorFlow: where it cannot import, the engine writes metrics.jsonl."""
+    import clu
+    from ppfr_jax import train
+    monkeypatch.setitem(sys.modules, "clu.metric_writers", None)  # `from clu import metric_writers` -> ImportError
+    monkeypatch.delattr(clu, "metric_writers", raising=False)
+    said = []
+    c = config_lib.base_config()
+    writer, hooks = train._metric_writer_and_hooks(str(tmp_path), c, 10, said.append)
+    assert isinstance(writer, train.JsonlMetricWriter) and hooks == []
+    assert "TensorBoard summaries need TensorFlow" in said[0] and "metrics.jsonl instead" in said[0]
+    writer.write_hparams({"optim.lr": 0.1})
+    writer.write_scalars(3, {"train/loss": np.float32(2.5), "train/accuracy": 0.25})
+    writer.write_scalars(4, {"eval/devtest/accuracy": 0.75})
+    lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    assert lines == [{"step": 3, "train/loss": 2.5, "train/accuracy": 0.25}, {"step": 4, "eval/devtest/accuracy": 0.75}]
+    assert json.load(open(tmp_path / "hparams.json")) == {"optim.lr": 0.1}
+    quiet = train.JsonlMetricWriter(str(tmp_path / "other"), just_logging=True)  # processes > 0 write nothing
+    quiet.write_scalars(1, {"x": 1.0})
+    assert not (tmp_path / "other").exists()
+
+
 def test_demo_records_without_tensorflow(tmp_path):
     """The demo's TFRecords list and read with TensorFlow blocked; ``auto`` picks the numpy loader."""
     code = (
@@ -168,7 +230,8 @@ def test_training_runs_without_tensorflow(tmp_path):
     r = subprocess.run(cmd, env=_no_tf_env(tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
     res = json.load(open(wd / "results.json"))
-    assert res["steps"] == 2 and res["config"]["data"]["loader"] == "auto"
+    assert res["steps"] == 2 and res["config"]["data"]["loader"] == "auto" and res["data_loader"] == "numpy"
+    assert "data: reading the records with the numpy loader (data.loader=auto: TensorFlow does not import" in r.stdout
     assert 0.0 <= res["devtest_accuracy"] <= 1.0  # the demo's DevTest pairs, evaluated at the end
     assert "step 2/2 loss" in r.stdout and "writing" in r.stdout and "metrics.jsonl instead" in r.stdout
     lines = [json.loads(x) for x in open(wd / "metrics.jsonl")]  # clu's writer needs TensorFlow: JSON lines
@@ -185,6 +248,10 @@ def test_loader_config_values():
     with pytest.raises(ValueError, match="config.data.loader: must be 'auto', 'tf' or 'numpy', got 'torch'"):
         loader_class("torch")
     assert loader_class("numpy") is host_loader.NumpyTrainIterator
+    c = config_lib.base_config()
+    c.data.source, c.data.tfds_name, c.data.loader = "tfds", "mnist", "numpy"
+    with pytest.raises(ConfigError, match=r"data\.loader.*data\.source='tfds' streams through tf\.data"):
+        config_lib.validate(c, 1)
 
 
 def test_example_messages_without_tensorflow(tmp_path):
@@ -193,6 +260,7 @@ def test_example_messages_without_tensorflow(tmp_path):
     ex = example_proto.parse(payload)
     assert ex.features.feature["image"].bytes_list.value[0] == b"\x89PNG..."
     assert example_proto.features(example_proto.serialize({"label": [3, -1]})) == {"label": [3, -1]}
+    assert example_proto.features(example_proto.serialize({"lm": np.array([0.5, 2.0], np.float32)})) == {"lm": [0.5, 2.0]}
     with pytest.raises(TypeError, match="feature 'x'"):
         example_proto.serialize({"x": ["a"]})
     from google.protobuf.message import DecodeError

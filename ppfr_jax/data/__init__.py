@@ -75,6 +75,9 @@ def train_source(config, global_batch: int, start_step: int):
     return it, src.num_classes, len(src)
 
 
+TF_IMPORT_ERROR = ""  # why loader_class("auto") fell back to numpy, for the engine's console line
+
+
 def loader_class(loader: str = "auto"):
     """``config.data.loader`` -> the iterator class for listed sources.
 
@@ -89,13 +92,15 @@ def loader_class(loader: str = "auto"):
     """
     if loader not in ("auto", "tf", "numpy"):
         raise ValueError(f"config.data.loader: must be 'auto', 'tf' or 'numpy', got {loader!r}")
+    global TF_IMPORT_ERROR
     if loader != "numpy":
         try:
             from ppfr_jax.data.pipeline import TrainIterator  # TensorFlow enters here
             return TrainIterator
-        except ImportError as e:
+        except Exception as e:  # noqa: BLE001  (not installed, or a broken install: protobuf TypeErrors and the like)
+            TF_IMPORT_ERROR = f"{type(e).__name__}: {e}"
             if loader == "tf":
-                raise ImportError(f"config.data.loader='tf' needs TensorFlow ({e}); install it "
+                raise ImportError(f"config.data.loader='tf' needs TensorFlow ({TF_IMPORT_ERROR}); install it "
                                   "(pip install tensorflow-cpu) or use --config.data.loader=numpy") from None
     from ppfr_jax.data.host_loader import NumpyTrainIterator
     return NumpyTrainIterator

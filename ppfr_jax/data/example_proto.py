@@ -104,6 +104,7 @@ def serialize(feats: dict) -> bytes:
     for name, value in feats.items():
         f = ex.features.feature[name]
         vals = [value] if isinstance(value, (bytes, bytearray)) else list(value)
+        vals = [v.item() if hasattr(v, "item") and not isinstance(v, (bytes, bytearray)) else v for v in vals]
         if all(isinstance(v, (bytes, bytearray)) for v in vals):
             f.bytes_list.value.extend(bytes(v) for v in vals)
         elif all(isinstance(v, int) for v in vals):

@@ -35,6 +35,7 @@ from PIL import Image
 from ppfr_jax import image_io
 from ppfr_jax.data import example_proto
 from ppfr_jax.data.records import BadRecordError
+from ppfr_jax.data.sources import landmark_problem
 
 __all__ = ["RecordStream", "NumpyTrainIterator", "epoch_permutation", "host_batch_indices", "flip_coins",
            "OUTPUT_DTYPES"]
@@ -180,6 +181,12 @@ class RecordStream:
         nxt = np.searchsorted(good, np.arange(n), side="left")
         self._remap = good[nxt % good.size]
 
+    loader = "numpy"  # what results.json records as data_loader
+
+    def reposition(self, step: int) -> None:
+        """Continue from global batch ``step`` (e.g. after falling back to an older checkpoint)."""
+        self.step = int(step)
+
     def __iter__(self) -> Iterator[dict]:
         return self
 
@@ -193,7 +200,9 @@ class NumpyTrainIterator(RecordStream):
     Batches: ``image`` (B, H, W, 3) in ``output_dtype``, ``label`` (B,) int32 and, with
     ``with_landmarks``, ``landmarks`` (B, K, 2) float32. A bad record (framing, CRC,
     Example, undecodable image, landmarks) stops it with BadRecordError naming the record
-    (``Source.check``'s message), or with ``skip_bad`` is skipped as tf.data's iterator does.
+    (``Source.check``'s message), or with ``skip_bad`` is skipped as tf.data's iterator does;
+    a failure no record explains on its own (an I/O error that passes) is retried once, then
+    raised as RuntimeError naming the record it came from.
     """
 
     def __init__(self, source, *, threads: int | None = None, **kw):
@@ -214,7 +223,11 @@ class NumpyTrainIterator(RecordStream):
             feats = example_proto.parse(data).features.feature
             data = feats["image"].bytes_list.value[0]
             if self.with_landmarks and src.landmarks is None:
-                lm = np.asarray(feats["landmarks"].float_list.value, np.float32).reshape(-1, 2)
+                vals = np.asarray(feats["landmarks"].float_list.value if "landmarks" in feats else (), np.float32)
+                # as tf.data's graph asserts them (Source.check then names the record and the field)
+                if vals.size != 2 * src.num_landmarks or landmark_problem(vals) is not None:
+                    raise BadRecordError(f"{src.describe(int(i))}: field 'landmarks'")
+                lm = vals.reshape(-1, 2)
         if self.with_landmarks and src.landmarks is not None:
             lm = np.asarray(src.landmarks[int(i)], np.float32)
         img = image_io.decode_rgb(data, src.describe(int(i)))
@@ -253,28 +266,40 @@ class NumpyTrainIterator(RecordStream):
 
     def _submit(self, step: int):
         if step not in self._ahead:
-            self._ahead[step] = self._loader.submit(self._build, step, self._remap.copy())
+            # _rebuild_remap assigns a new array (and drains what was read ahead): no copy needed
+            self._ahead[step] = self._loader.submit(self._build, step, self._remap)
 
     def __next__(self) -> dict:
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="ppfr-decode")
             self._loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ppfr-batch")
+        retried = False
         while True:
-            for s in range(self.step, self.step + 1 + max(0, int(self.prefetch) - 1)):
+            for s in range(self.step, self.step + max(1, int(self.prefetch))):
                 self._submit(s)
             fut = self._ahead.pop(self.step)
             try:
                 batch = fut.result()
             except _BatchError as e:
                 self._drain()
-                problems = {}
-                for i, err in e.failed:
-                    problems[i] = self.source.check(i) or f"{self.source.describe(i)}: {type(err).__name__}: {err}"
-                self._bad_batch(problems)
-                continue  # read again with the bad records substituted
+                problems = {i: p for i, p in ((i, self.source.check(i)) for i, _ in e.failed) if p is not None}
+                if problems:
+                    self._bad_batch(problems)  # raises, or (skip_bad) remaps them
+                    continue  # read again with the bad records substituted
+                if not retried:  # no record is bad on its own: a passing error (I/O); read the batch once more
+                    retried = True
+                    continue
+                i, err = e.failed[0]
+                raise RuntimeError(f"input pipeline failed at step {self.step} and no record of that batch is bad "
+                                   f"on its own: {self.source.describe(i)}: {type(err).__name__}: {err}") from err
             self.step += 1
-            self._submit(self.step + max(0, int(self.prefetch) - 1))
+            self._submit(self.step + max(1, int(self.prefetch)) - 1)
             return batch
+
+    def reposition(self, step: int) -> None:
+        """Continue from global batch ``step`` (what was read ahead is dropped)."""
+        self._drain()
+        self.step = int(step)
 
     def _drain(self) -> None:
         """Drop the batches read ahead (the record map changed)."""

@@ -78,10 +78,17 @@ class TrainIterator(RecordStream):
       skipped: messages for records skipped so far (listing problems included).
     """
 
+    loader = "tf"
+
     def __init__(self, source: Source, *, threads: int | None = None, **kw):
         super().__init__(source, **kw)
         self.threads = threads
         self._it = None
+
+    def reposition(self, step: int) -> None:
+        """Continue from global batch ``step`` (the tf.data pipeline is rebuilt there)."""
+        self._it = None
+        self.step = int(step)
 
     # -- tf.data graph
 
