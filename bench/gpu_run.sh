@@ -12,6 +12,12 @@
 #     train  train_step_bf16.jsonl  batch 64 bf16, every case: MFU, allocator peak, per-kernel
 #                                   profile breakdown in each line (traces stay in /tmp)
 #     fp32   compare_fp32.jsonl     ours fp32 (TF32) vs the reference fp32
+#     minusface  (not in the default list; issue 15) the MinusFace demo on the GPU: stage 1
+#            (configs/minusface.py:stage1,demo), then stage 2 on its generator with the margin-free
+#            head and the 126-step schedule stretched MF_STRETCH times (default 40: 5,040 steps, LR
+#            drop at 80%), evaluated every 504 steps; read through data.loader=numpy (the image has
+#            no TensorFlow). Writes minusface_stage{1,2}_results.json, minusface_stage2_metrics.jsonl,
+#            minusface_demo.jsonl (regeneration PSNR) and xp_grid.png
 #   and log_<phase>.txt. One device call is limited to 10 minutes: if the three do not fit, run
 #   one phase per call (the XLA compilation cache lives in /tmp and survives while the machine
 #   stays warm).
@@ -23,7 +29,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-WHEELS=(ml_collections==1.1.0 clu==0.0.12 dm_pix==0.4.5)
+WHEELS=(ml_collections==1.1.0 clu==0.0.12 dm_pix==0.4.5 google-crc32c==1.9.0 pillow==12.2.0)
 TFACE_COMMIT=171ec1434aca0972e111663ac646c9c1e3e44b5b
 TORCHJPEG_COMMIT=03e01c498d6a90d83e98bfb5e5575fa91ac0b8e1
 
@@ -67,9 +73,28 @@ run() {
                --bf16 --compile-cache /tmp/ppfr_bench_xla_cache --profile /tmp/ppfr_gpu_profile \
                --out "$out/train_step_bf16.jsonl" ;;
       fp32) "$py" bench/compare.py "${ref[@]}" "${common[@]}" --out "$out/compare_fp32.jsonl" ;;
-      *) die "unknown phase '$phase' (bf16, train, fp32)" ;;
+      minusface) minusface "$py" "$out" ;;
+      *) die "unknown phase '$phase' (bf16, train, fp32, minusface)" ;;
     esac 2>&1 | tee "$out/log_$phase.txt"
   done
+}
+
+minusface() {
+  # MF_VARIANT=tiny MF_STRETCH=1 tries the plumbing in a minute (synthetic data, 4-step stages)
+  local py=$1 out=$2 s1=/tmp/ppfr_mf_s1 s2=/tmp/ppfr_mf_s2 k=${MF_STRETCH:-40} v=${MF_VARIANT:-demo}
+  local epochs drop every
+  epochs=$(awk "BEGIN{print 3.0*$k}"); drop=$(awk "BEGIN{print 2.4*$k}"); every=$(( 126 * k / 10 ))
+  [ "$every" -gt 0 ] || every=126
+  "$py" -m ppfr_jax.main --config "configs/minusface.py:stage1,$v" --workdir "$s1" --config.data.loader=numpy
+  "$py" -m ppfr_jax.main --config "configs/minusface.py:stage2,$v,stage1_workdir=$s1" --workdir "$s2" \
+    --config.data.loader=numpy --config.head.margin=0.0 --config.optim.warmup_epochs=0.3 \
+    --config.num_epochs="$epochs" --config.optim.boundaries_epochs="($drop,)" \
+    --config.eval.every_steps="$every" --config.checkpoint_every_steps="$every"
+  cp "$s1/results.json" "$out/minusface_stage1_results.json"
+  cp "$s2/results.json" "$out/minusface_stage2_results.json"
+  cp "$s2/metrics.jsonl" "$out/minusface_stage2_metrics.jsonl" 2>/dev/null || true
+  "$py" bench/minusface_demo.py --stage1 "$s1" --stage2 "$s2" --out "$out" --images 500 \
+    | tee "$out/minusface_demo.jsonl"
 }
 
 case "${1:-}" in
