@@ -433,12 +433,16 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     d = config.data
     if d.source not in DATA_SOURCES:
         bad("data.source", f"unknown source {d.source!r}; choose one of {DATA_SOURCES}")
-    if d.source in ("tfrecord", "image_folder"):
+    if d.source == "image_folder" or (d.source == "tfrecord" and not d.index):
         if not d.path:
-            bad("data.path", f"data.source={d.source!r} needs data.path")
-        if not _exists(d.path):
+            bad("data.path", "data.source='image_folder' needs data.path" if d.source == "image_folder" else
+                "data.source='tfrecord' needs data.index (the TFace .txt index) or data.path pointing at it")
+        elif not _exists(d.path):
             bad("data.path", f"{d.path!r} does not exist")
-        if d.source == "tfrecord" and d.index and not _exists(d.index):
+    if d.source == "tfrecord" and d.index:
+        if d.path and not _exists(d.path):
+            bad("data.path", f"{d.path!r} does not exist")
+        if not _exists(d.index):
             bad("data.index", f"{d.index!r} does not exist")
     if d.source == "recordio":
         missing = [f for f in ("train.rec", "train.idx") if not _exists(os.path.join(d.path, f))] if d.path else []

@@ -388,7 +388,7 @@ def _train_locked(config, workdir: str, progress=None) -> dict:
     setup = build(config, num_classes, dataset_size, mesh)
     rng = jax.random.key(config.seed)
     log = (lambda m: print(m, flush=True)) if jax.process_index() == 0 else (lambda m: None)
-    state, _, resume_step, skipped = restore_newest_intact(workdir, setup.abstract_state, num_classes, log)
+    state, meta, resume_step, skipped = restore_newest_intact(workdir, setup.abstract_state, num_classes, log)
     if skipped:
         quarantine(workdir, [s for s, _ in skipped], log)
         log(f"resuming from step {resume_step} ({ckdir / str(resume_step)}); skipped damaged checkpoint(s): "
@@ -408,9 +408,15 @@ def _train_locked(config, workdir: str, progress=None) -> dict:
     step_fn = compile_train_step(setup)
     evaluator = make_evaluator(config, setup)
 
-    if getattr(batches, "loader", None) == "numpy" and config.data.get("loader", "auto") == "auto":
-        log(f"data: reading the records with the numpy loader (data.loader=auto: TensorFlow does not import here: "
-            f"{data.TF_IMPORT_ERROR}); its flips differ from tf.data's draw")
+    if getattr(batches, "loader", None) == "numpy":
+        why = (f"data.loader=auto: TensorFlow does not import here: {data.TF_IMPORT_ERROR}"
+               if config.data.get("loader", "auto") == "auto" else "data.loader=numpy")
+        log(f"data: reading the records with the numpy loader ({why}); its flips differ from tf.data's draw")
+    before = (meta or {}).get("data_loader") if isinstance(meta, dict) else None
+    if before and getattr(batches, "loader", None) and before != batches.loader:
+        log(f"note: steps 1-{resume_step} of this run were read by the {before!r} loader, the rest by "
+            f"{batches.loader!r}: same records in the same order, other random flips "
+            f"(--config.data.loader={before} keeps the first)")
     writer, hooks = _metric_writer_and_hooks(workdir, config, setup.num_steps, log)
     if resume_step == 0:
         writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items() if isinstance(v, (int, float, str, bool))})
@@ -423,7 +429,9 @@ def _train_locked(config, workdir: str, progress=None) -> dict:
     if progress is not None:
         progress(int(jax.device_get(state.step)), setup.num_steps, None)  # the start (resume) step
     step_rng = jax.random.fold_in(rng, 1)
-    meta_fn = lambda s: {"step": s, "data_position": s * gb, "global_batch": gb, "num_classes": num_classes}
+    loader = getattr(batches, "loader", None)
+    meta_fn = lambda s: {"step": s, "data_position": s * gb, "global_batch": gb, "num_classes": num_classes,
+                         "data_loader": loader}
     last_eval: dict = {}
     pending: list = []
     saving: list[int] = []  # steps whose (asynchronous) save may still fail

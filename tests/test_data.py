@@ -245,7 +245,7 @@ def test_corrupt_jpeg_names_the_file(folder):
     step = next(s for s in range(3) if src.files.index(str(bad)) in it.batch_indices(s))
     for _ in range(step):
         next(it)
-    with pytest.raises(sources.BadRecordError, match=rf"step {step}:\n.*bob/2.jpg: field 'image': cannot decode"):
+    with pytest.raises(sources.BadRecordError, match=rf"step {step + 1} \(batch index {step}\):\n.*bob/2.jpg: field 'image': cannot decode"):
         next(it)
     # opt-in skip: full batches continue, the bad file is counted once
     it = _it(src, seed=0, skip_bad=True)
@@ -377,7 +377,7 @@ def test_payload_crc_is_checked_in_verify_and_training(records, capsys):
     with pytest.raises(sources.BadRecordError, match=rf"offset {off}.*line 2"):
         src.read_bytes(1)
     it = _it(src, seed=0, shuffle=False, flip=False)
-    with pytest.raises(sources.BadRecordError, match=rf"step 0:\n.*offset {off} \(.*line 2\): .*data CRC mismatch"):
+    with pytest.raises(sources.BadRecordError, match=rf"step 1 \(batch index 0\):\n.*offset {off} \(.*line 2\): .*data CRC mismatch"):
         next(it)
     assert records_cli.main(["verify", "--index", records["index"]]) == 1
     out = capsys.readouterr().out
@@ -424,14 +424,14 @@ def test_bad_landmarks_are_named(folder, tmp_path):
     assert "line 3): field 'landmarks': non-finite values" in src.check(2)
     assert "field 'landmarks': values in" in src.check(7)
     it = _it(src, seed=0, shuffle=False, flip=False, with_landmarks=True)
-    with pytest.raises(sources.BadRecordError, match=r"step 0:\n.*line 3\): field 'landmarks': non-finite"):
+    with pytest.raises(sources.BadRecordError, match=r"step 1 \(batch index 0\):\n.*line 3\): field 'landmarks': non-finite"):
         next(it)
     it = _it(src, seed=0, shuffle=False, flip=False, with_landmarks=True, skip_bad=True)
     b = _take(it, 3)
     assert all(np.isfinite(x["landmarks"]).all() and np.abs(x["landmarks"]).max() <= 2 for x in b)
     assert len(it.skipped) == 2
     # the numpy loader checks them as tf.data's graph does
-    with pytest.raises(sources.BadRecordError, match=r"step 0:\n.*line 3\): field 'landmarks': non-finite"):
+    with pytest.raises(sources.BadRecordError, match=r"step 1 \(batch index 0\):\n.*line 3\): field 'landmarks': non-finite"):
         next(_numpy_it(src, seed=0, shuffle=False, flip=False, with_landmarks=True))
     nit = _numpy_it(src, seed=0, shuffle=False, flip=False, with_landmarks=True, skip_bad=True)
     for x, y in zip(b, _take(nit, 3)):
@@ -513,7 +513,7 @@ def test_numpy_loader_reads_what_tf_data_reads(records, dtype):
 def test_numpy_loader_names_and_skips_a_bad_record_as_tf_data_does(records):
     shard, off = _flip_payload_byte(records, 2)
     src = sources.tface_source(records["index"])
-    with pytest.raises(sources.BadRecordError, match=rf"step 0:\n.*offset {off} \(.*line 2\): .*data CRC mismatch"):
+    with pytest.raises(sources.BadRecordError, match=rf"step 1 \(batch index 0\):\n.*offset {off} \(.*line 2\): .*data CRC mismatch"):
         next(_numpy_it(src, seed=0, shuffle=False, flip=False))
     a = _it(src, seed=0, shuffle=False, flip=False, skip_bad=True)
     b = _numpy_it(src, seed=0, shuffle=False, flip=False, skip_bad=True)
@@ -557,3 +557,22 @@ def test_numpy_loader_read_ahead_skips_and_resizes_as_tf_data(folder, records, t
     d = np.abs(x["image"].astype(int) - y["image"].astype(int))
     assert x["image"].shape == y["image"].shape == (18, S, S, 3)
     assert d.max() <= 12 and d.mean() < 1.0, (d.max(), d.mean())  # resamplers differ in their filter support
+
+
+@pytest.mark.slow
+def test_resume_with_another_loader_says_so(tmp_path):
+    """The loader is recorded in each checkpoint; a resume with the other one says what changes."""
+    wd = str(tmp_path / "run")
+    base = [sys.executable, "-m", "ppfr_jax.main", "--config", "configs/arcface.py:demo", "--workdir", wd,
+            "--config.batch_size=8", "--config.eval.pairs=", "--config.checkpoint_every_steps=2"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r1 = subprocess.run(base + ["--config.num_train_steps=2", "--config.data.loader=numpy"], cwd=root,
+                        capture_output=True, text=True, timeout=600)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    assert "data: reading the records with the numpy loader (data.loader=numpy)" in r1.stdout
+    r2 = subprocess.run(base + ["--config.num_train_steps=4"], cwd=root, capture_output=True, text=True, timeout=600)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert "note: steps 1-2 of this run were read by the 'numpy' loader, the rest by 'tf'" in r2.stdout
+    assert "--config.data.loader=numpy keeps the first" in r2.stdout
+    import json
+    assert json.load(open(os.path.join(wd, "results.json")))["data_loader"] == "tf"

@@ -127,7 +127,7 @@ def test_a_bad_image_is_named_or_skipped(folder):
     src = sources.image_folder_source(root)
     bad = [k for k, f in enumerate(src.files) if f.endswith(os.path.join("alice", "2.jpg"))][0]
     it = _it(src, seed=0, flip=False, shuffle=False, global_batch=6)
-    with pytest.raises(sources.BadRecordError, match=r"step 0:\n.*alice.2\.jpg.*\n\(--config\.data\.skip_bad=True"):
+    with pytest.raises(sources.BadRecordError, match=r"step 1 \(batch index 0\):\n.*alice.2\.jpg.*\n\(--config\.data\.skip_bad=True"):
         next(it)
     it = _it(src, seed=0, flip=False, shuffle=False, global_batch=6, skip_bad=True)
     batches = [next(it) for _ in range(3)]
@@ -159,7 +159,7 @@ def test_a_passing_read_error_is_retried_and_a_lasting_one_named(folder, monkeyp
         return read(i)
 
     monkeypatch.setattr(src, "read_bytes", broken)
-    with pytest.raises(RuntimeError, match=r"step 0 and no record of that batch is bad on its own: .*alice.1\.jpg: "
+    with pytest.raises(RuntimeError, match=r"step 1 \(batch index 0\) and no record of that batch is bad on its own: .*alice.1\.jpg: "
                                            r"OSError: \[Errno 5\] Input/output error"):
         next(_it(src, seed=0, flip=False, shuffle=False, skip_bad=True))
 
@@ -209,15 +209,17 @@ def test_demo_records_without_tensorflow(tmp_path):
         "b = next(it)\n"
         "assert 'tensorflow' not in sys.modules or sys.modules['tensorflow'] is None\n"
         "print(len(src), src.num_classes, b['image'].shape, b['image'].dtype, b['landmarks'].shape, int(b['image'].std() > 10))\n"
+        "from ppfr_jax.errors import PpfrError\n"
         "try:\n"
         "    loader_class('tf')\n"
         "except ImportError as e:\n"
-        "    print('ERR', e)\n")
+        "    print('ERR', isinstance(e, PpfrError), e)\n")
     r = subprocess.run([sys.executable, "-c", code], env=_no_tf_env(tmp_path), cwd=ROOT, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.splitlines()
     assert lines[0] == "2729 115 (64, 112, 112, 3) uint8 (64, 98, 2) 1", r.stdout
+    assert lines[1].startswith("ERR True ")  # a PpfrError: ppfr-train prints it as one line, no traceback
     assert "config.data.loader='tf' needs TensorFlow" in lines[1] and "--config.data.loader=numpy" in lines[1]
 
 
@@ -238,6 +240,18 @@ def test_training_runs_without_tensorflow(tmp_path):
     assert [x["step"] for x in lines if "train/loss" in x] == [1, 2]
     assert all(np.isfinite(x["train/loss"]) for x in lines if "train/loss" in x)
     assert any("eval/devtest/accuracy" in x or any(k.startswith("eval/") for k in x) for x in lines)
+
+
+def test_tfrecord_index_alone_is_enough(tmp_path):
+    c = config_lib.base_config()
+    c.data.source, c.data.index = "tfrecord", str(tmp_path / "missing.txt")
+    with pytest.raises(ConfigError, match=r"data\.index.*missing\.txt.*does not exist"):
+        config_lib.validate(c, 1)
+    (tmp_path / "missing.txt").write_text("")
+    config_lib.validate(c, 1)  # data.path is not needed beside data.index
+    c.data.index = ""
+    with pytest.raises(ConfigError, match=r"data\.path.*needs data\.index .* or data\.path"):
+        config_lib.validate(c, 1)
 
 
 def test_loader_config_values():

@@ -17,7 +17,8 @@ from ml_collections import config_flags
 PROG = "ppfr-train"
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "configs/<experiment>.py[:variant,...]", lock_config=True)
-flags.DEFINE_string("workdir", None, "where checkpoints, TensorBoard summaries and results.json go")
+flags.DEFINE_string("workdir", None, "where checkpoints, TensorBoard summaries (metrics.jsonl without "
+                                     "TensorFlow) and results.json go")
 flags.mark_flags_as_required(["config", "workdir"])
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 
+from ppfr_jax.errors import PpfrError
 from ppfr_jax.data.records import BadRecordError, ShardReader, crc32c, masked_crc32c, write_tface_records
 from ppfr_jax.data.recordio import RecordIOSource, recordio_source, write_recordio_pack
 from ppfr_jax.data.synthetic import synthetic_batches
@@ -78,6 +79,10 @@ def train_source(config, global_batch: int, start_step: int):
 TF_IMPORT_ERROR = ""  # why loader_class("auto") fell back to numpy, for the engine's console line
 
 
+class LoaderUnavailable(PpfrError, ImportError):
+    """``config.data.loader='tf'`` where TensorFlow does not import."""
+
+
 def loader_class(loader: str = "auto"):
     """``config.data.loader`` -> the iterator class for listed sources.
 
@@ -87,8 +92,8 @@ def loader_class(loader: str = "auto"):
     order; the flips are drawn differently: see :mod:`.host_loader`).
 
     Raises:
-      ValueError: an unknown loader; ImportError naming ``data.loader='numpy'`` for ``"tf"``
-      without TensorFlow.
+      ValueError: an unknown loader; LoaderUnavailable (an ImportError) naming
+      ``data.loader=numpy`` for ``"tf"`` without TensorFlow.
     """
     if loader not in ("auto", "tf", "numpy"):
         raise ValueError(f"config.data.loader: must be 'auto', 'tf' or 'numpy', got {loader!r}")
@@ -100,7 +105,7 @@ def loader_class(loader: str = "auto"):
         except Exception as e:  # noqa: BLE001  (not installed, or a broken install: protobuf TypeErrors and the like)
             TF_IMPORT_ERROR = f"{type(e).__name__}: {e}"
             if loader == "tf":
-                raise ImportError(f"config.data.loader='tf' needs TensorFlow ({TF_IMPORT_ERROR}); install it "
-                                  "(pip install tensorflow-cpu) or use --config.data.loader=numpy") from None
+                raise LoaderUnavailable(f"config.data.loader='tf' needs TensorFlow ({TF_IMPORT_ERROR}); install it "
+                                        "(pip install tensorflow-cpu) or use --config.data.loader=numpy") from None
     from ppfr_jax.data.host_loader import NumpyTrainIterator
     return NumpyTrainIterator

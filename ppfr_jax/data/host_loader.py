@@ -37,7 +37,7 @@ from ppfr_jax.data import example_proto
 from ppfr_jax.data.records import BadRecordError
 from ppfr_jax.data.sources import landmark_problem
 
-__all__ = ["RecordStream", "NumpyTrainIterator", "epoch_permutation", "host_batch_indices", "flip_coins",
+__all__ = ["RecordStream", "NumpyTrainIterator", "epoch_permutation", "host_batch_indices", "flip_coins", "step_name",
            "OUTPUT_DTYPES"]
 
 OUTPUT_DTYPES = ("float32", "bfloat16", "uint8")
@@ -73,6 +73,11 @@ def host_batch_indices(step: int, n: int, global_batch: int, process_index: int,
     idx = sel if order is None else order[sel]
     pos = int(step) * global_batch + process_index * local + np.arange(local, dtype=np.int64)
     return idx.astype(np.int64), pos
+
+
+def step_name(batch_index: int) -> str:
+    """How messages name global batch ``batch_index``: as the console counts training steps (from 1)."""
+    return f"{int(batch_index) + 1} (batch index {int(batch_index)})"
 
 
 def flip_coins(seed: int, positions: np.ndarray) -> np.ndarray:
@@ -165,7 +170,7 @@ class RecordStream:
         """Records found bad in the batch of ``self.step``: raise BadRecordError, or (skip_bad) remap them."""
         if not self.skip_bad:
             lines = "\n  ".join(problems.values())
-            raise BadRecordError(f"bad training record(s) in the batch of step {self.step}:\n  {lines}\n"
+            raise BadRecordError(f"bad training record(s) in the batch of step {step_name(self.step)}:\n  {lines}\n"
                                  "(--config.data.skip_bad=True skips bad records)") from None
         for i, msg in problems.items():
             self._bad[i] = True
@@ -290,7 +295,7 @@ class NumpyTrainIterator(RecordStream):
                     retried = True
                     continue
                 i, err = e.failed[0]
-                raise RuntimeError(f"input pipeline failed at step {self.step} and no record of that batch is bad "
+                raise RuntimeError(f"input pipeline failed at step {step_name(self.step)} and no record of that batch is bad "
                                    f"on its own: {self.source.describe(i)}: {type(err).__name__}: {err}") from err
             self.step += 1
             self._submit(self.step + max(1, int(self.prefetch)) - 1)

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from ppfr_jax import image_io
-from ppfr_jax.data.host_loader import RecordStream, epoch_permutation, host_batch_indices  # noqa: F401  (re-exported)
+from ppfr_jax.data.host_loader import RecordStream, epoch_permutation, host_batch_indices, step_name  # noqa: F401
 from ppfr_jax.data.records import BadRecordError, import_tensorflow
 from ppfr_jax.data.sources import LANDMARK_RANGE, Source
 
@@ -212,6 +212,6 @@ class TrainIterator(RecordStream):
             if p is not None:
                 problems[i] = p
         if not problems:
-            raise RuntimeError(f"input pipeline failed at step {self.step} and no record of that "
+            raise RuntimeError(f"input pipeline failed at step {step_name(self.step)} and no record of that "
                                f"batch is bad on its own: {err.message.splitlines()[0]}") from err
         self._bad_batch(problems)

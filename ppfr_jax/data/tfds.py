@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import jax
 
-from ppfr_jax.data.pipeline import DTYPES, decode_image, flip_coin
+from ppfr_jax.data.pipeline import DTYPES, decode_image, flip_coin, step_name
 from ppfr_jax.data.records import BadRecordError, import_tensorflow
 
 tf = import_tensorflow()
@@ -94,7 +94,7 @@ class TfdsIterator:
         try:
             b = next(self._it)
         except tf.errors.OpError as e:  # a damaged image or an out-of-range label (the graph checks both)
-            raise BadRecordError(f"TFDS {self.name}: a record of the batch of step {self.step} is bad: "
+            raise BadRecordError(f"TFDS {self.name}: a record of the batch of step {step_name(self.step)} is bad: "
                                  f"{e.message.splitlines()[0]}") from None
         self.step += 1
         return b
