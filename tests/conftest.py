@@ -95,3 +95,35 @@ def shared_dir() -> pathlib.Path:
     if not (SHARED / "data").is_dir():
         pytest.skip(f"../shared/data not found beside the checkout ({SHARED}); real-data tests need it")
     return SHARED
+
+
+# ----------------------------------------------------------------------------- training-data fixtures
+
+
+def write_face_folder(tmp_path, per_identity: int, size: int = 16, seed: int = 0):
+    """``tmp_path/faces/{carol,alice,bob}/<i>.jpg``: random ``size``x``size`` JPEGs (quality 95), and
+    ``tmp_path/lm.npz`` side landmarks (3 points each, in [0.1, 0.9]); -> (faces root, npz path)."""
+    import io
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    root = tmp_path / "faces"
+    paths, lms = [], []
+    for name in ("carol", "alice", "bob"):
+        (root / name).mkdir(parents=True)
+        for i in range(per_identity):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, "JPEG", quality=95)
+            (root / name / f"{i}.jpg").write_bytes(buf.getvalue())
+            paths.append(f"{name}/{i}.jpg")
+            lms.append(rng.uniform(0.1, 0.9, (3, 2)))
+    np.savez(tmp_path / "lm.npz", paths=np.array(paths), landmarks=np.array(lms, np.float32))
+    return root, tmp_path / "lm.npz"
+
+
+def host_iterator(cls, src, size: int = 16, **kw):
+    """A training iterator (``TrainIterator`` / ``NumpyTrainIterator``) of one host, batch 4, ``size``^2 images."""
+    kw.setdefault("global_batch", 4)
+    kw.setdefault("image_size", (size, size))
+    kw.setdefault("process_index", 0)
+    kw.setdefault("process_count", 1)
+    return cls(src, **kw)

@@ -10,6 +10,7 @@ from PIL import Image
 
 tf = pytest.importorskip("tensorflow")
 
+from conftest import host_iterator, write_face_folder  # noqa: E402
 from ppfr_jax import data  # noqa: E402
 from ppfr_jax.cli import records as records_cli  # noqa: E402
 from ppfr_jax.data import pipeline, sources  # noqa: E402
@@ -28,17 +29,7 @@ def _jpeg(rng, size=S):
 @pytest.fixture
 def folder(tmp_path):
     """3 identities x 5 images + side landmarks (3 points each)."""
-    rng = np.random.default_rng(0)
-    root = tmp_path / "faces"
-    paths, lms = [], []
-    for name in ("carol", "alice", "bob"):
-        (root / name).mkdir(parents=True)
-        for i in range(5):
-            (root / name / f"{i}.jpg").write_bytes(_jpeg(rng))
-            paths.append(f"{name}/{i}.jpg")
-            lms.append(rng.uniform(0.1, 0.9, (3, 2)))
-    np.savez(tmp_path / "lm.npz", paths=np.array(paths), landmarks=np.array(lms, np.float32))
-    return root, tmp_path / "lm.npz"
+    return write_face_folder(tmp_path, 5, S)
 
 
 @pytest.fixture
@@ -49,11 +40,7 @@ def records(folder, tmp_path):
 
 
 def _it(src, **kw):
-    kw.setdefault("global_batch", 4)
-    kw.setdefault("image_size", (S, S))
-    kw.setdefault("process_index", 0)
-    kw.setdefault("process_count", 1)
-    return pipeline.TrainIterator(src, **kw)
+    return host_iterator(pipeline.TrainIterator, src, S, **kw)
 
 
 def _take(it, n):
@@ -484,11 +471,7 @@ def test_deprecated_input_pipeline_module_still_works(tmp_path):
 
 def _numpy_it(src, **kw):
     from ppfr_jax.data import host_loader
-    kw.setdefault("global_batch", 4)
-    kw.setdefault("image_size", (S, S))
-    kw.setdefault("process_index", 0)
-    kw.setdefault("process_count", 1)
-    return host_loader.NumpyTrainIterator(src, **kw)
+    return host_iterator(host_loader.NumpyTrainIterator, src, S, **kw)
 
 
 @pytest.mark.parametrize("dtype", ["uint8", "float32", "bfloat16"])

@@ -4,7 +4,6 @@ Nothing here needs TensorFlow: the sources are image folders and the embedded de
 records; runs "without TensorFlow" put a ``tensorflow`` module that raises ImportError
 first on the path of a subprocess. The comparison with tf.data is in tests/test_data.py.
 """
-import io
 import json
 import os
 import subprocess
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import host_iterator, write_face_folder
 from ppfr_jax import config_lib
 from ppfr_jax.data import example_proto, host_loader, loader_class, sources
 from ppfr_jax.config_lib import ConfigError
@@ -25,27 +25,11 @@ S = 16
 @pytest.fixture
 def folder(tmp_path):
     """3 identities x 6 images (16x16 JPEG) + side landmarks (3 points each)."""
-    rng = np.random.default_rng(0)
-    root = tmp_path / "faces"
-    paths, lms = [], []
-    for name in ("carol", "alice", "bob"):
-        (root / name).mkdir(parents=True)
-        for i in range(6):
-            buf = io.BytesIO()
-            Image.fromarray(rng.integers(0, 256, (S, S, 3), dtype=np.uint8)).save(buf, "JPEG", quality=95)
-            (root / name / f"{i}.jpg").write_bytes(buf.getvalue())
-            paths.append(f"{name}/{i}.jpg")
-            lms.append(rng.uniform(0.1, 0.9, (3, 2)))
-    np.savez(tmp_path / "lm.npz", paths=np.array(paths), landmarks=np.array(lms, np.float32))
-    return root, tmp_path / "lm.npz"
+    return write_face_folder(tmp_path, 6, S)
 
 
 def _it(src, **kw):
-    kw.setdefault("global_batch", 4)
-    kw.setdefault("image_size", (S, S))
-    kw.setdefault("process_index", 0)
-    kw.setdefault("process_count", 1)
-    return host_loader.NumpyTrainIterator(src, **kw)
+    return host_iterator(host_loader.NumpyTrainIterator, src, S, **kw)
 
 
 def _no_tf_env(tmp_path):
