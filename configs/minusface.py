@@ -80,6 +80,10 @@ must learn past, not the generator: without the shuffle (NOT protected) the same
 in 126 steps; the method itself learns slowly, 68.1% at 1,134 steps (95 min; 66.1% ± 2.3 at 1,260).
 ``bench/minusface_stage2_ablation.py --ablation canonical --warm-start RGB_WORKDIR`` (X_p seen with
 slot order, sign and scale removed; recogniser from the RGB run) gives 59.8% at 126 steps, 62.9% at 378.
+2026-12-07 (bench/RESULTS.md, "2,016 steps of stage 2"): the schedule x16 (``--config.head.margin=0.0
+--config.optim.warmup_epochs=0.3 --config.num_epochs=48.0 --config.optim.boundaries_epochs='(38.4,)'``,
+~70 min of stage 2 on an idle 2-core CPU) reaches 72.4% ± 4.2 at step 1,764 and 70.8% at 2,016, with
+training top-1 0.84: short of 75%, and memorising the 115 demo identities.
 
 (stage 2's ``demo`` reads ``runs/minusface_stage1_demo`` unless
 ``stage1_workdir=...`` is given). ``toy``: the U-Net on RGB
