@@ -408,14 +408,15 @@ def _train_locked(config, workdir: str, progress=None) -> dict:
     step_fn = compile_train_step(setup)
     evaluator = make_evaluator(config, setup)
 
-    if getattr(batches, "loader", None) == "numpy":
+    loader = getattr(batches, "loader", None)  # "tf" / "numpy" for the listed sources, else None
+    if loader == "numpy":
         why = (f"data.loader=auto: TensorFlow does not import here: {data.TF_IMPORT_ERROR}"
                if config.data.get("loader", "auto") == "auto" else "data.loader=numpy")
         log(f"data: reading the records with the numpy loader ({why}); its flips differ from tf.data's draw")
-    before = (meta or {}).get("data_loader") if isinstance(meta, dict) else None
-    if before and getattr(batches, "loader", None) and before != batches.loader:
+    before = meta.get("data_loader") if isinstance(meta, dict) else None
+    if before and loader and before != loader:
         log(f"note: steps 1-{resume_step} of this run were read by the {before!r} loader, the rest by "
-            f"{batches.loader!r}: same records in the same order, other random flips "
+            f"{loader!r}: same records in the same order, other random flips "
             f"(--config.data.loader={before} keeps the first)")
     writer, hooks = _metric_writer_and_hooks(workdir, config, setup.num_steps, log)
     if resume_step == 0:
@@ -429,7 +430,6 @@ def _train_locked(config, workdir: str, progress=None) -> dict:
     if progress is not None:
         progress(int(jax.device_get(state.step)), setup.num_steps, None)  # the start (resume) step
     step_rng = jax.random.fold_in(rng, 1)
-    loader = getattr(batches, "loader", None)
     meta_fn = lambda s: {"step": s, "data_position": s * gb, "global_batch": gb, "num_classes": num_classes,
                          "data_loader": loader}
     last_eval: dict = {}
@@ -511,8 +511,7 @@ def _train_locked(config, workdir: str, progress=None) -> dict:
             writer.flush()
 
     n_skipped = _report_skipped(batches, n_skipped, log)
-    results = _results(config, step, time.time() - t_start, last_eval, setup, mesh, n_skipped,
-                       getattr(batches, "loader", None))
+    results = _results(config, step, time.time() - t_start, last_eval, setup, mesh, n_skipped, loader)
     if jax.process_index() == 0:
         (workdir_path(workdir) / "results.json").write_text(json.dumps(results, indent=1, default=str))
     return results

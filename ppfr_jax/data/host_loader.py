@@ -161,10 +161,11 @@ class RecordStream:
         """Source indices this host reads for global batch ``step`` (after skip substitution)."""
         return self._indices(step, self._cache)[0]
 
-    def _indices(self, step: int, cache: dict) -> tuple[np.ndarray, np.ndarray]:
+    def _indices(self, step: int, cache: dict, remap: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(source indices after skip substitution by ``remap`` (default: the current map), stream positions)."""
         idx, pos = host_batch_indices(step, len(self.source), self.global_batch, self.process_index,
                                       self.process_count, self.seed, self.shuffle, cache)
-        return self._remap[idx], pos
+        return (self._remap if remap is None else remap)[idx], pos
 
     def _bad_batch(self, problems: dict[int, str]) -> None:
         """Records found bad in the batch of ``self.step``: raise BadRecordError, or (skip_bad) remap them."""
@@ -186,7 +187,7 @@ class RecordStream:
         nxt = np.searchsorted(good, np.arange(n), side="left")
         self._remap = good[nxt % good.size]
 
-    loader = "numpy"  # what results.json records as data_loader
+    loader: str | None = None  # the subclass's name for results.json's data_loader ("tf", "numpy")
 
     def reposition(self, step: int) -> None:
         """Continue from global batch ``step`` (e.g. after falling back to an older checkpoint)."""
@@ -209,6 +210,8 @@ class NumpyTrainIterator(RecordStream):
     a failure no record explains on its own (an I/O error that passes) is retried once, then
     raised as RuntimeError naming the record it came from.
     """
+
+    loader = "numpy"
 
     def __init__(self, source, *, threads: int | None = None, **kw):
         super().__init__(source, **kw)
@@ -247,9 +250,7 @@ class NumpyTrainIterator(RecordStream):
 
     def _build(self, step: int, remap: np.ndarray) -> dict:
         """The host batch of ``step`` (read with ``remap``); raises _BatchError naming the failed records."""
-        idx, pos = host_batch_indices(step, len(self.source), self.global_batch, self.process_index,
-                                      self.process_count, self.seed, self.shuffle, self._read_cache)
-        idx = remap[idx]
+        idx, pos = self._indices(step, self._read_cache, remap)
         coins = flip_coins(self.seed, pos) if self.flip else np.zeros(len(pos), bool)
         futs = [self._pool.submit(self._record, i, p, c) for i, p, c in zip(idx, pos, coins)]
         out, failed = [], []

@@ -165,9 +165,7 @@ class TrainIterator(RecordStream):
         # A numpy_function over a range rather than from_generator: same numpy order,
         # without a Python generator that tf.data must finalise at interpreter exit.
         def indices_py(step):
-            idx, pos = host_batch_indices(int(step), len(self.source), self.global_batch, self.process_index,
-                                          self.process_count, self.seed, self.shuffle, cache)
-            return remap[idx], pos
+            return self._indices(int(step), cache, remap)
 
         @tf.autograph.experimental.do_not_convert
         def indices(step):
