@@ -354,6 +354,20 @@ class JsonlMetricWriter:
             with self.path.open("a") as fh:
                 fh.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
 
+    def write_images(self, step: int, images: dict) -> None:
+        """Each ``name: (N, H, W, C)`` uint8 batch (C 1 or 3) -> ``images/<name>_step<step>_<i>.png``
+        (``/`` in a name becomes ``_``)."""
+        if self.path is None:
+            return
+        from PIL import Image
+        out = self.path.parent / "images"
+        out.mkdir(exist_ok=True)
+        for name, batch in images.items():
+            for i, im in enumerate(np.asarray(batch)):
+                im = im[..., 0] if im.ndim == 3 and im.shape[-1] == 1 else im
+                Image.fromarray(np.asarray(im, np.uint8)).save(
+                    out / f"{name.replace('/', '_')}_step{int(step)}_{i}.png")
+
     def flush(self) -> None:
         pass
 
@@ -361,17 +375,27 @@ class JsonlMetricWriter:
         pass
 
 
-def _metric_writer_and_hooks(workdir: str, config, num_steps: int, log):
-    """clu's default writer (TensorBoard + log) and its ReportProgress hook; without TensorFlow,
-    :class:`JsonlMetricWriter` and no hook (the console line still shows steps/s and the ETA)."""
-    just_logging = jax.process_index() > 0
+def metric_writer(workdir: str, *, just_logging: bool = False, asynchronous: bool = True, log=print):
+    """clu's default writer (TensorBoard event files + log) for ``workdir``; where ``clu.metric_writers``
+    cannot be imported (it needs TensorFlow), a :class:`JsonlMetricWriter` there, said through ``log``.
+    -> ``(writer, clu_metric_writers_module or None)``."""
     try:
-        from clu import metric_writers, periodic_actions
+        from clu import metric_writers
     except ImportError as e:
         log(f"note: TensorBoard summaries need TensorFlow (clu.metric_writers: {e}); writing "
             f"{workdir_path(workdir) / 'metrics.jsonl'} instead")
-        return JsonlMetricWriter(workdir, just_logging), []
-    writer = metric_writers.create_default_writer(workdir, just_logging=just_logging)
+        return JsonlMetricWriter(workdir, just_logging), None
+    return metric_writers.create_default_writer(workdir, just_logging=just_logging,
+                                                asynchronous=asynchronous), metric_writers
+
+
+def _metric_writer_and_hooks(workdir: str, config, num_steps: int, log):
+    """:func:`metric_writer` and clu's ReportProgress hook (none with the JSON-lines writer: the console
+    line still shows steps/s and the ETA)."""
+    writer, mw = metric_writer(workdir, just_logging=jax.process_index() > 0, log=log)
+    if mw is None:
+        return writer, []
+    from clu import periodic_actions
     return writer, [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
                                                     every_steps=config.log_every_steps)]
 

@@ -226,6 +226,31 @@ def test_training_runs_without_tensorflow(tmp_path):
     assert any("eval/devtest/accuracy" in x or any(k.startswith("eval/") for k in x) for x in lines)
 
 
+def test_privacy_attack_runs_without_tensorflow(tmp_path):
+    """``run_privacy`` on a host without TensorFlow: metrics.jsonl and images/ instead of TensorBoard."""
+    wd = tmp_path / "privacy"
+    code = f"""
+import sys; sys.path.insert(0, {os.path.join(ROOT, 'tests')!r})
+from conftest import block_mean_recognizer
+from ppfr_jax import config_lib, evaluate, privacy
+evaluate.register_model("_pixels")(lambda checkpoint: block_mean_recognizer(flip=None))
+c = config_lib.load_config_spec({os.path.join(ROOT, 'configs', 'privacy.py')!r} + ":tiny,rows=raw,recognizer_model=_pixels,recognizer=-")
+privacy.run_privacy(c, {str(wd)!r})
+"""
+    r = subprocess.run([sys.executable, "-c", code], env=_no_tf_env(tmp_path), cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    assert "metrics.jsonl instead" in r.stdout
+    rows = json.loads((wd / "privacy.json").read_text())["rows"]
+    assert [x["method"] for x in rows] == ["raw"] and 0.0 <= rows[0]["attacker_accuracy"] <= 1.0
+    lines = [json.loads(x) for x in open(wd / "metrics.jsonl")]
+    assert any(k.startswith("privacy/raw") for x in lines for k in x), lines
+    assert np.isfinite(lines[0]["step"]) and not list(wd.glob("events.out.tfevents.*"))
+    pngs = sorted(p.name for p in (wd / "images").glob("*.png"))
+    assert pngs == ["privacy_raw_step0_0.png"], pngs
+    assert np.asarray(Image.open(wd / "images" / pngs[0])).shape == (3 * 112 + 2 * 2, 3 * 112 + 2 * 2, 3)
+
+
 def test_tfrecord_index_alone_is_enough(tmp_path):
     c = config_lib.base_config()
     c.data.source, c.data.index = "tfrecord", str(tmp_path / "missing.txt")

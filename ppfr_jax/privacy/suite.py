@@ -83,9 +83,7 @@ def run_privacy(config, workdir: str, *, log=None) -> dict:
     Raises:
       config_lib.ConfigError naming a bad config field (checked before anything is built).
     """
-    from clu import metric_writers
-
-    from ppfr_jax import config_lib
+    from ppfr_jax import config_lib, train
     config_lib.validate_privacy(config)
 
     is_main = jax.process_index() == 0
@@ -105,7 +103,8 @@ def run_privacy(config, workdir: str, *, log=None) -> dict:
         log(f"recogniser on the original faces: {100 * reference['accuracy']:.2f}% ± {100 * reference['std']:.2f}")
 
     reps, skipped = _representations(config, r_reps, log)
-    writer = metric_writers.create_default_writer(workdir, just_logging=not is_main, asynchronous=False)
+    # TensorBoard event files; without TensorFlow, metrics.jsonl + images/ (train.metric_writer)
+    writer, _ = train.metric_writer(workdir, just_logging=not is_main, asynchronous=False, log=log)
     records = []
     n_grid = min(int(config.get("grid_rows", 6)), len(eval_set.images))
     try:
