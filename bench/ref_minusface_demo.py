@@ -1,7 +1,8 @@
 """The PyTorch reference's MinusFace trained with our demo settings, measured with our evaluator.
 
     python bench/ref_minusface_demo.py --ref-python REFVENV/bin/python --tface DIR/TFace --torchjpeg DIR/torchjpeg \\
-        --workdir /tmp/ref_minus [--stretch 4] [--eval-every 42] [--ours-stage1 WORKDIR] [--out FILE]
+        --workdir /tmp/ref_minus [--stretch 4] [--eval-every 42] [--ours-stage1 WORKDIR] [--out FILE] \\
+        [--set head.margin=0.0 --set num_epochs=48.0 ...] [--stop-after N]
 
 The fallback of issue 15: does the reference, trained with the same demo settings for the same
 steps, reach DevTest >= 75%, and what budget does it take? Stage 1 (``configs/minusface.py:stage1,demo``:
@@ -13,6 +14,8 @@ outside this checkout): its ``MinusBackbone`` at the demo's sizes, its ArcFace h
 128-d), SGD with our schedule's LR at every step, generator x0.1 in stage 1, its own
 ``torch.randperm`` shuffle per sample per step in stage 2, on exactly the batches our demo pipeline
 yields (same faces, order and flips; taken from ``data.train_source`` here and handed over).
+``--set FIELD=VALUE`` changes stage 2's config as ``--config.FIELD=VALUE`` changes ours (margin,
+epochs, LR boundaries, warm-up); ``--stop-after N`` trains the first N steps of that whole schedule.
 
 Measured with our yardstick: each saved reference state_dict (every ``--eval-every`` steps) is
 imported into our model (``minusface.import_torch_state_dict``, as ``bench/train_parity.py`` does)
@@ -28,6 +31,7 @@ the reference's mean training loss / top-1 over the preceding ``--eval-every`` s
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import json
 import os
@@ -47,20 +51,37 @@ import numpy as np  # noqa: E402
 from _common import emit  # noqa: E402
 
 
-def demo_config(stage: str, stretch: float, stage1_workdir: str = "", max_steps: int = 0):
+def demo_config(stage: str, stretch: float, stage1_workdir: str = "", max_steps: int = 0, overrides=()):
+    """The demo config of ``stage``, its schedule x ``stretch``, then ``overrides`` ("field.path=value" strings,
+    values as Python literals, as ``--config.field.path=value`` sets them for ours)."""
     variant = f"{stage},demo" + (f",stage1_workdir={stage1_workdir}" if stage1_workdir else "")
     c = importlib.import_module("minusface").get_config(variant)
     if stretch != 1:
         c.num_epochs = c.num_epochs * stretch
         c.optim.boundaries_epochs = tuple(e * stretch for e in c.optim.boundaries_epochs)
         c.optim.warmup_epochs = c.optim.warmup_epochs * stretch
+    for o in overrides:
+        key, sep, value = o.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {o!r}: expected FIELD.PATH=VALUE (e.g. head.margin=0.0)")
+        *parents, leaf = key.split(".")
+        node = c
+        for p in parents:
+            node = node[p]
+        try:
+            v = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            v = value
+        node[leaf] = v
     if max_steps:  # smoke tests only
         c.num_train_steps = max_steps
     return c
 
 
-def batches_and_lrs(cfg, path: str):
-    """Our demo pipeline's batches for the whole run -> ``path`` (npz); -> (LR per step, num_classes, steps)."""
+def batches_and_lrs(cfg, path: str, stop_after: int = 0):
+    """Our demo pipeline's batches for the whole run (or its first ``stop_after`` steps) -> ``path`` (npz);
+    -> (LR per step, num_classes, steps). ``stop_after`` keeps the whole run's schedule: the LRs of its
+    first steps."""
     from ppfr_jax import data, optim, sharding
     mesh = sharding.create_mesh(cfg)
     gb = sharding.global_batch_size(cfg, mesh)
@@ -68,6 +89,8 @@ def batches_and_lrs(cfg, path: str):
     spe = optim.steps_per_epoch(cfg, size, gb)
     steps = int(cfg.num_train_steps) if cfg.get("num_train_steps", 0) else int(round(cfg.num_epochs * spe))
     sched = optim.make_schedule(cfg, spe)
+    if stop_after:
+        steps = min(steps, stop_after)
     lrs = [float(sched(i)) for i in range(steps)]
     if not os.path.exists(path):
         imgs, labs = [], []
@@ -127,7 +150,8 @@ class Importer:
 def run_stage(a, stage, cfg, tmp, seed, stage1_state="", out_lines=None):
     d = os.path.join(tmp, f"ref_{stage}")
     os.makedirs(d, exist_ok=True)
-    lrs, num_classes, steps = batches_and_lrs(cfg, os.path.join(tmp, f"batches_{stage}.npz"))
+    lrs, num_classes, steps = batches_and_lrs(cfg, os.path.join(tmp, f"batches_{stage}.npz"),
+                                              a.stop_after if stage == "stage2" else 0)
     save_steps = sorted(set(range(a.eval_every, steps + 1, a.eval_every)) | {steps}) if stage == "stage2" else [steps]
     s = settings(cfg, lrs, num_classes, save_steps, seed)
     with open(os.path.join(d, "settings.json"), "w") as f:
@@ -167,7 +191,8 @@ def run_stage(a, stage, cfg, tmp, seed, stage1_state="", out_lines=None):
                    "lr": win[-1]["lr"] if win else None,
                    "ref_wall_s": log[[x["step"] for x in log].index(st)]["wall_s"] if win else None,
                    "eval_wall_s": round(time.time() - t0, 1), "stretch": a.stretch if stage == "stage2" else 1,
-                   "steps_total": steps, "fast_transforms_check": check[-1] if check else None,
+                   "steps_total": steps, "overrides": list(a.set) if stage == "stage2" else [],
+                   "schedule_epochs": float(cfg.num_epochs), "fast_transforms_check": check[-1] if check else None,
                    "margin": float(cfg.head.margin), "scale": float(cfg.head.scale),
                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "loadavg": os.getloadavg()}
             line = emit(rec)
@@ -250,6 +275,11 @@ def main(argv=None):
     ap.add_argument("--workdir", required=True, help="batches, reference checkpoints and the stage-1 import go here")
     ap.add_argument("--stretch", type=float, default=1.0, help="stage 2: N x the demo's epochs (schedule stretched)")
     ap.add_argument("--eval-every", type=int, default=42)
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="stage 2: set a config field after --stretch, as --config.FIELD=VALUE does for ours "
+                         "(e.g. --set head.margin=0.0 --set num_epochs=48.0); repeatable")
+    ap.add_argument("--stop-after", type=int, default=0, metavar="N",
+                    help="stage 2: train only the first N steps of the (whole) schedule")
     ap.add_argument("--stages", default="stage1,stage2")
     ap.add_argument("--ours-stage1", default="", metavar="WORKDIR",
                     help="skip the reference's stage 1: its stage 2 freezes the generator of this stage-1 run of ours "
@@ -278,7 +308,7 @@ def main(argv=None):
         print(json.dumps({"export": info}), flush=True)
         s1_wd = a.ours_stage1
     if "stage2" in stages:
-        cfg2 = demo_config("stage2", a.stretch, s1_wd, a.max_steps)
+        cfg2 = demo_config("stage2", a.stretch, s1_wd, a.max_steps, a.set)
         run_stage(a, "stage2", cfg2, a.workdir, a.seed + 1, stage1_state=s1_state, out_lines=a.out)
     return 0
 
