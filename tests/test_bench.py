@@ -152,3 +152,24 @@ def test_minusface_stage2_ablation_warm_start_variables():
     rgb["params"]["backbone"] = {"other": np.ones(4)}
     with pytest.raises(ValueError, match="is not this recogniser's"):
         abl.warm_start_variables(here, rgb)
+
+
+def test_ref_minusface_demo_overrides_and_stop_after(tmp_path):
+    """bench/ref_minusface_demo.py's --set (as --config.FIELD= for ours) and --stop-after (first N steps of
+    the whole schedule): the LRs handed to the reference are the schedule ours runs."""
+    import ref_minusface_demo as rmd
+    from ppfr_jax import optim
+    c = rmd.demo_config("stage2", 1.0, "runs/x", overrides=["head.margin=0.0", "num_epochs=48.0",
+                                                             "optim.boundaries_epochs=(38.4,)",
+                                                             "optim.warmup_epochs=0.3"])
+    assert c.head.margin == 0.0 and c.num_epochs == 48.0 and tuple(c.optim.boundaries_epochs) == (38.4,)
+    assert c.minusface.stage1_workdir == "runs/x"
+    with pytest.raises(SystemExit, match="expected FIELD.PATH=VALUE"):
+        rmd.demo_config("stage2", 1.0, overrides=["head.margin"])
+    sched = optim.make_schedule(c, 42)  # the demo: 42 steps per epoch, 2,016 steps
+    assert float(sched(12)) == pytest.approx(0.1 * 12 / 13, rel=1e-5)  # warm-up: round(0.3 x 42) = 13 steps
+    assert float(sched(1700)) == pytest.approx(0.01, rel=1e-5)  # after the boundary at 38.4 x 42 = 1,612.8
+    lrs, num_classes, steps = rmd.batches_and_lrs(c, str(tmp_path / "b.npz"), stop_after=3)
+    assert steps == 3 and num_classes == 115 and lrs == pytest.approx([float(sched(i)) for i in range(3)])
+    b = np.load(tmp_path / "b.npz")
+    assert b["images"].shape == (3, 64, 112, 112, 3) and b["labels"].shape == (3, 64)
