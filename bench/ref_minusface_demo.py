@@ -136,7 +136,8 @@ class Importer:
         return {"params": params, **{**self.state.model_state, **ms}}
 
     def verify(self, variables) -> dict:
-        return self.evaluator.run(variables)
+        """-> the DevTest set's ``{'accuracy', 'std', 'threshold'}`` (``EvalSuite.run``'s ``sets['devtest']``)."""
+        return self.evaluator.run(variables)["sets"]["devtest"]
 
     def save_workdir(self, variables, workdir: str):
         """config.json + an engine checkpoint of ``variables``: a workdir stage 2 / minusface_demo.py can read."""
