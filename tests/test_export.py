@@ -472,15 +472,3 @@ def test_a_pipeline_config_or_a_bad_variant_is_one_line(tmp_path, capsys):
     assert cli_export.main(["--config", bad, "--untrained", "--out", str(tmp_path / "c.onnx")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"ppfr-export: error: --config {bad!r}: "), err
-
-
-def test_deploy_keeps_the_command_entry_points(faces, tmp_path, capsys):
-    """deploy.protect_main / verify_main (the names before the command lines moved to ppfr_jax/cli/) are
-    ppfr-protect / ppfr-verify: the same one-line errors and exit statuses."""
-    from ppfr_jax import deploy
-    assert deploy.protect_main(["--untrained", "--images", str(faces), "--out", str(tmp_path / "x")]) == 2
-    assert "ppfr-protect: error:" in capsys.readouterr().err
-    missing = str(tmp_path / "missing.npz")
-    assert deploy.verify_main(["--untrained", missing, missing]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("ppfr-verify: error:") and "missing.npz: no such file" in err

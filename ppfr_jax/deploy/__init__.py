@@ -16,17 +16,4 @@ from ppfr_jax.deploy.protected_file import MAX_PROTECTED_BYTES, load_protected, 
 
 __all__ = ["IMAGE_SIZE", "MAX_PROTECTED_BYTES", "METHOD_NAMES", "DeployError", "Deployment", "cached_deployment",
            "check_permutations", "fingerprint", "fresh_permutations", "load_deployment", "load_protected",
-           "preview_image", "save_protected", "protect_main", "verify_main"]
-
-
-def protect_main(argv=None) -> int:
-    """``ppfr-protect`` with ``argv`` (``ppfr_jax.cli.protect.main``; the name it had before the command
-    lines moved to ``ppfr_jax/cli/``, kept for scripts that call it). -> the exit status."""
-    from ppfr_jax.cli import protect  # at call time: cli imports deploy
-    return protect.main(argv)
-
-
-def verify_main(argv=None) -> int:
-    """``ppfr-verify`` with ``argv`` (``ppfr_jax.cli.verify.main``; kept as :func:`protect_main` is)."""
-    from ppfr_jax.cli import verify
-    return verify.main(argv)
+           "preview_image", "save_protected"]

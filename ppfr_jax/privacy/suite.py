@@ -83,7 +83,7 @@ def run_privacy(config, workdir: str, *, log=None) -> dict:
     Raises:
       config_lib.ConfigError naming a bad config field (checked before anything is built).
     """
-    from ppfr_jax import config_lib, train
+    from ppfr_jax import config_lib, writers
     config_lib.validate_privacy(config)
 
     is_main = jax.process_index() == 0
@@ -103,8 +103,8 @@ def run_privacy(config, workdir: str, *, log=None) -> dict:
         log(f"recogniser on the original faces: {100 * reference['accuracy']:.2f}% ± {100 * reference['std']:.2f}")
 
     reps, skipped = _representations(config, r_reps, log)
-    # TensorBoard event files; without TensorFlow, metrics.jsonl + images/ (train.metric_writer)
-    writer, _ = train.metric_writer(workdir, just_logging=not is_main, asynchronous=False, log=log)
+    # TensorBoard event files; without TensorFlow, metrics.jsonl + images/ (writers.metric_writer)
+    writer, _ = writers.metric_writer(workdir, just_logging=not is_main, asynchronous=False, log=log)
     records = []
     n_grid = min(int(config.get("grid_rows", 6)), len(eval_set.images))
     try:
