@@ -84,6 +84,10 @@ slot order, sign and scale removed; recogniser from the RGB run) gives 59.8% at 
 --config.optim.warmup_epochs=0.3 --config.num_epochs=48.0 --config.optim.boundaries_epochs='(38.4,)'``,
 ~70 min of stage 2 on an idle 2-core CPU) reaches 72.4% ± 4.2 at step 1,764 and 70.8% at 2,016, with
 training top-1 0.84: short of 75%, and memorising the 115 demo identities.
+The PyTorch reference on the same generator, batches and schedule, first 1,008 steps (``bench/ref_minusface_demo.py
+--ours-stage1 ... --stop-after 1008 --set ...``; bench/RESULTS.md, "The reference on the same 1,008 steps"):
+55.1 / 54.8 / 60.4 / 65.3% at steps 252 / 504 / 756 / 1,008 against ours 55.8 / 56.1 / 61.6 / 59.3%, the same
+loss and training top-1 curves: the reference does not reach 75% in the 30-minute budget either.
 
 (stage 2's ``demo`` reads ``runs/minusface_stage1_demo`` unless
 ``stage1_workdir=...`` is given). ``toy``: the U-Net on RGB
