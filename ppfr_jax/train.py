@@ -41,6 +41,7 @@ from ppfr_jax.checkpoints import (_short, all_finite, check_writable, checkpoint
 from ppfr_jax.errors import CheckpointSaveError, NonFiniteLossError
 from ppfr_jax.evaluate.evaluator import EvalSuite
 from ppfr_jax.optim import make_optimizer, make_schedule, steps_per_epoch
+from ppfr_jax.writers import JsonlMetricWriter, metric_writer  # noqa: F401  (train.JsonlMetricWriter, as before)
 from ppfr_jax.sharding import (batch_sharding, create_mesh, global_batch_size, make_global_batch,
                                maybe_initialize_distributed, padded_num_classes, state_shardings)
 
@@ -336,14 +337,11 @@ def _reposition(batches, config, gb: int, step: int):
     return data.train_source(config, gb, step)[0]
 
 
-from ppfr_jax.writers import JsonlMetricWriter, metric_writer  # noqa: E402  (train.JsonlMetricWriter stays)
-
-
 def _metric_writer_and_hooks(workdir: str, config, num_steps: int, log):
     """:func:`metric_writer` and clu's ReportProgress hook (none with the JSON-lines writer: the console
     line still shows steps/s and the ETA)."""
-    writer, mw = metric_writer(workdir, just_logging=jax.process_index() > 0, log=log)
-    if mw is None:
+    writer = metric_writer(workdir, just_logging=jax.process_index() > 0, log=log)
+    if isinstance(writer, JsonlMetricWriter):
         return writer, []
     from clu import periodic_actions
     return writer, [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,

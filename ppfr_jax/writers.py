@@ -54,13 +54,12 @@ class JsonlMetricWriter:
 
 def metric_writer(workdir: str, *, just_logging: bool = False, asynchronous: bool = True, log=print):
     """clu's default writer (TensorBoard event files + log) for ``workdir``; where ``clu.metric_writers``
-    cannot be imported (it needs TensorFlow), a :class:`JsonlMetricWriter` there, said through ``log``.
-    -> ``(writer, clu_metric_writers_module or None)``."""
+    cannot be imported (it needs TensorFlow), a :class:`JsonlMetricWriter` there, said through ``log``."""
     try:
         from clu import metric_writers
     except ImportError as e:
         log(f"note: TensorBoard summaries need TensorFlow (clu.metric_writers: {e}); writing "
             f"{workdir_path(workdir) / 'metrics.jsonl'} instead")
-        return JsonlMetricWriter(workdir, just_logging), None
+        return JsonlMetricWriter(workdir, just_logging)
     return metric_writers.create_default_writer(workdir, just_logging=just_logging,
-                                                asynchronous=asynchronous), metric_writers
+                                                asynchronous=asynchronous)

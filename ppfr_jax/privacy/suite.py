@@ -104,7 +104,7 @@ def run_privacy(config, workdir: str, *, log=None) -> dict:
 
     reps, skipped = _representations(config, r_reps, log)
     # TensorBoard event files; without TensorFlow, metrics.jsonl + images/ (writers.metric_writer)
-    writer, _ = writers.metric_writer(workdir, just_logging=not is_main, asynchronous=False, log=log)
+    writer = writers.metric_writer(workdir, just_logging=not is_main, asynchronous=False, log=log)
     records = []
     n_grid = min(int(config.get("grid_rows", 6)), len(eval_set.images))
     try:
