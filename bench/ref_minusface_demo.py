@@ -78,10 +78,13 @@ def demo_config(stage: str, stretch: float, stage1_workdir: str = "", max_steps:
     return c
 
 
-def batches_and_lrs(cfg, path: str, stop_after: int = 0):
+def batches_and_lrs(cfg, path: str, stop_after: int = 0, start_at: int = 0):
     """Our demo pipeline's batches for the whole run (or its first ``stop_after`` steps) -> ``path`` (npz);
     -> (LR per step, num_classes, steps). ``stop_after`` keeps the whole run's schedule: the LRs of its
-    first steps."""
+    first steps. ``start_at`` (a resumed run): the pipeline is read from its start as always (so every
+    batch is the one an uninterrupted run gets) but only steps ``start_at..steps-1`` are written, with
+    ``first_step`` = ``start_at`` in the file; the LRs are still the whole run's. An existing ``path`` is
+    kept (written whole or not at all: ``.part`` then renamed); no ``path``: the schedule only."""
     from ppfr_jax import data, optim, sharding
     mesh = sharding.create_mesh(cfg)
     gb = sharding.global_batch_size(cfg, mesh)
@@ -91,13 +94,17 @@ def batches_and_lrs(cfg, path: str, stop_after: int = 0):
     sched = optim.make_schedule(cfg, spe)
     if stop_after:
         steps = min(steps, stop_after)
+    if not 0 <= start_at < steps:
+        raise SystemExit(f"resume at step {start_at}: outside the run's {steps} steps")
     lrs = [float(sched(i)) for i in range(steps)]
-    if not os.path.exists(path):
+    if path and not os.path.exists(path):
         imgs, labs = [], []
-        for _, b in zip(range(steps), it):
-            imgs.append(np.asarray(b["image"], np.uint8))
-            labs.append(np.asarray(b["label"], np.int64))
-        np.savez(path, images=np.stack(imgs), labels=np.stack(labs))
+        for i, b in zip(range(steps), it):
+            if i >= start_at:
+                imgs.append(np.asarray(b["image"], np.uint8))
+                labs.append(np.asarray(b["label"], np.int64))
+        np.savez(path + ".part.npz", images=np.stack(imgs), labels=np.stack(labs), first_step=np.int64(start_at))
+        os.replace(path + ".part.npz", path)
     return lrs, num_classes, steps
 
 
@@ -148,11 +155,26 @@ class Importer:
         _save_engine_checkpoint(workdir, variables["params"], {k: v for k, v in variables.items() if k != "params"})
 
 
+def _saved_steps(d: str) -> set:
+    return {int(f[5:-4]) for f in os.listdir(d) if f.startswith("step_") and f.endswith(".npz") and ".part" not in f}
+
+
 def run_stage(a, stage, cfg, tmp, seed, stage1_state="", out_lines=None):
     d = os.path.join(tmp, f"ref_{stage}")
     os.makedirs(d, exist_ok=True)
-    lrs, num_classes, steps = batches_and_lrs(cfg, os.path.join(tmp, f"batches_{stage}.npz"),
-                                              a.stop_after if stage == "stage2" else 0)
+    stop_after = a.stop_after if stage == "stage2" else 0
+    batches = os.path.join(tmp, f"batches_{stage}.npz")
+    saved = _saved_steps(d) if a.resume else set()
+    lrs, num_classes, steps = batches_and_lrs(cfg, "" if saved else batches, stop_after)
+    done = {st for st in saved if st <= steps}
+    # --resume after a run that stopped part-way (or that a larger --stop-after extends): the reference
+    # continues from its newest checkpoint; the steps up to it are neither retrained nor re-evaluated
+    start_at = max(done) if done and max(done) < steps else 0
+    if start_at:
+        batches = os.path.join(tmp, f"batches_{stage}_from{start_at}.npz")
+        batches_and_lrs(cfg, batches, stop_after, start_at)
+    elif saved and max(done, default=0) < steps:
+        batches_and_lrs(cfg, batches, stop_after)
     save_steps = sorted(set(range(a.eval_every, steps + 1, a.eval_every)) | {steps}) if stage == "stage2" else [steps]
     s = settings(cfg, lrs, num_classes, save_steps, seed)
     with open(os.path.join(d, "settings.json"), "w") as f:
@@ -160,15 +182,16 @@ def run_stage(a, stage, cfg, tmp, seed, stage1_state="", out_lines=None):
     imp = Importer(cfg, num_classes)
     cmd = (["nice", "-n", str(a.nice)] if a.nice else []) + [
         a.ref_python, os.path.join(HERE, "ref_minusface_train.py"), "--tface", a.tface, "--torchjpeg", a.torchjpeg,
-        "--stage", stage, "--batches", os.path.join(tmp, f"batches_{stage}.npz"),
+        "--stage", stage, "--batches", batches,
         "--settings", os.path.join(d, "settings.json"), "--out", d, "--threads", str(a.threads)]
     if stage1_state:
         cmd += ["--stage1-state", stage1_state]
-    done = {int(f[5:-4]) for f in os.listdir(d) if f.startswith("step_") and f.endswith(".npz") and ".part" not in f}
-    pending = [st for st in save_steps if st not in done] if a.resume else save_steps
-    proc = subprocess.Popen(cmd, stdout=open(os.path.join(d, "stdout.txt"), "w"), stderr=subprocess.STDOUT) \
-        if pending else None
-    evaluated = set()
+    if start_at:
+        cmd += ["--resume-from", os.path.join(d, f"step_{start_at}.npz")]
+    pending = [st for st in save_steps if st not in done]
+    proc = subprocess.Popen(cmd, stdout=open(os.path.join(d, "stdout.txt"), "a" if start_at else "w"),
+                            stderr=subprocess.STDOUT) if pending else None
+    evaluated = {st for st in save_steps if st <= start_at}  # measured by the run that saved them
     recs = []
     while True:
         ready = [st for st in save_steps if st not in evaluated and os.path.exists(os.path.join(d, f"step_{st}.npz"))]
@@ -289,7 +312,10 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--nice", type=int, default=0,
                     help="run the reference under nice -n N (0: as this process; run this script under nice instead)")
-    ap.add_argument("--resume", action="store_true", help="do not retrain a stage whose checkpoints exist")
+    ap.add_argument("--resume", action="store_true",
+                    help="do not retrain a stage whose checkpoints exist; a stage saved only part-way (or extended by "
+                         "a larger --stop-after) continues from its newest checkpoint (model, head and, where saved, "
+                         "the SGD momentum)")
     ap.add_argument("--max-steps", type=int, default=0, help=argparse.SUPPRESS)  # smoke tests
     ap.add_argument("--out", default="", help="append the JSON lines to this file too")
     a = ap.parse_args(argv)

@@ -33,7 +33,8 @@ as executed the reference would use x1, see above); the LR of each step is set f
 Stage 2: a new ``MinusBackbone(mode='stage2')`` around a deep copy of stage 1's generator (loaded
 from ``--stage1-state``), generator in eval() and outside the optimiser, a fresh recogniser and head.
 
-Writes ``OUT/step_<n>.npz`` (``model.*`` state_dict, ``head.kernel``) at each of ``save_steps`` and
+Writes ``OUT/step_<n>.npz`` (``model.*`` state_dict, ``head.kernel``) and ``OUT/optim_<n>.pt`` (both
+SGD states: ``--resume-from OUT/step_<n>.npz`` continues from there) at each of ``save_steps`` and
 ``OUT/log.jsonl`` (one line per step: loss, loss_gen, loss_fr, train top-1, lr, wall seconds).
 """
 import argparse
@@ -243,6 +244,10 @@ def main(argv=None):
     ap.add_argument("--out", required=True)
     ap.add_argument("--stage1-state", default="", help="stage 2: a step_<n>.npz of the stage-1 run (its "
                     "model.generator.* tensors are used)")
+    ap.add_argument("--resume-from", default="", metavar="OUT/step_<k>.npz",
+                    help="continue a run of these settings from its step-k checkpoint (model, head; the SGD momentum "
+                         "from optim_<k>.pt beside it where saved, else it restarts at zero); the batches file may "
+                         "start at its step first_step")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--reference-transforms", action="store_true",
                     help="keep the reference's own dct_transform / idct_transform (slow: ~100 s per stage-2 step "
@@ -265,10 +270,18 @@ def main(argv=None):
         return
     data = np.load(a.batches)
     images, labels = data["images"], data["labels"]
+    first = int(data["first_step"]) if "first_step" in data.files else 0  # step of images[0]
     lrs = [float(v) for v in s["lrs"]]
     steps = len(lrs)
-    if len(images) < steps:
-        raise SystemExit(f"{a.batches}: {len(images)} batches for {steps} steps")
+    start = 0
+    if a.resume_from:
+        name = os.path.basename(a.resume_from)
+        if not (name.startswith("step_") and name.endswith(".npz") and name[5:-4].isdigit()):
+            raise SystemExit(f"--resume-from {a.resume_from}: expected a step_<k>.npz this script saved")
+        start = int(name[5:-4])
+    if first > start or first + len(images) < steps:
+        raise SystemExit(f"{a.batches}: batches of steps {first}..{first + len(images) - 1} for a run of steps "
+                         f"{start}..{steps - 1}")
     stage1_state = dict(np.load(a.stage1_state)) if a.stage == "stage2" else None
     if a.stage == "stage2" and not a.stage1_state:
         raise SystemExit("--stage stage2 needs --stage1-state")
@@ -305,26 +318,49 @@ def main(argv=None):
     os.makedirs(a.out, exist_ok=True)
     save_steps = set(int(v) for v in s.get("save_steps", [steps]))
     save_steps.add(steps)
+    wall0 = 0.0
+    if start:
+        sd = dict(np.load(a.resume_from))
+        model.load_state_dict({k[len("model."):]: torch.from_numpy(v) for k, v in sd.items()
+                               if k.startswith("model.")}, strict=True)
+        with torch.no_grad():
+            head.kernel.copy_(torch.from_numpy(sd["head.kernel"]))
+        opt_path = os.path.join(os.path.dirname(a.resume_from), f"optim_{start}.pt")
+        momentum = os.path.exists(opt_path)
+        if momentum:
+            o = torch.load(opt_path)
+            bopt.load_state_dict(o["bopt"])
+            hopt.load_state_dict(o["hopt"])
+        prev = [json.loads(line) for line in open(os.path.join(a.out, "log.jsonl"))] \
+            if os.path.exists(os.path.join(a.out, "log.jsonl")) else []
+        prev = [r for r in prev if r["step"] <= start]
+        wall0 = prev[-1]["wall_s"] if prev and prev[-1]["step"] == start else 0.0
+        with open(os.path.join(a.out, "log.jsonl"), "w") as f:  # the steps after ``start`` are retrained
+            f.writelines(json.dumps(r) + "\n" for r in prev)
+        print(json.dumps({"resumed_from": a.resume_from, "step": start, "momentum": "restored" if momentum else
+                          "zero (no optim_%d.pt)" % start, "wall_s_before": wall0}), flush=True)
 
     def save(step):
         sd = {f"model.{k}": v.detach().numpy().copy() for k, v in model.state_dict().items()}
         sd["head.kernel"] = head.kernel.detach().numpy().copy()
         path = os.path.join(a.out, f"step_{step}.npz")
         np.savez(path + ".part.npz", **sd)
+        torch.save({"bopt": bopt.state_dict(), "hopt": hopt.state_dict()},
+                   os.path.join(a.out, f"optim_{step}.pt"))  # what --resume-from continues with
         os.replace(path + ".part.npz", path)  # readers never see a half-written file
 
     model.train()
     head.train()
     if a.stage == "stage2":
         model.generator.eval()
-    log = open(os.path.join(a.out, "log.jsonl"), "w")
-    t0 = time.time()
-    for i in range(steps):
+    log = open(os.path.join(a.out, "log.jsonl"), "a" if start else "w")
+    t0 = time.time() - wall0
+    for i in range(start, steps):
         for opt in (bopt, hopt):
             for g in opt.param_groups:
                 g["lr"] = lrs[i] * g["mult"]
-        x = torch.from_numpy(np.transpose(images[i].astype(np.float32) / 127.5 - 1.0, (0, 3, 1, 2)).copy())
-        y = torch.from_numpy(labels[i].astype(np.int64))
+        x = torch.from_numpy(np.transpose(images[i - first].astype(np.float32) / 127.5 - 1.0, (0, 3, 1, 2)).copy())
+        y = torch.from_numpy(labels[i - first].astype(np.int64))
         x_encode, x_residue, x_feature, x_latent = model(x)
         outputs, part_labels, original_outputs = head(x_feature, y)
         loss, loss_gen, loss_fr, _ = mloss(x, x_encode, x_latent, outputs, part_labels)

@@ -173,3 +173,11 @@ def test_ref_minusface_demo_overrides_and_stop_after(tmp_path):
     assert steps == 3 and num_classes == 115 and lrs == pytest.approx([float(sched(i)) for i in range(3)])
     b = np.load(tmp_path / "b.npz")
     assert b["images"].shape == (3, 64, 112, 112, 3) and b["labels"].shape == (3, 64)
+    # a resumed run (--resume): the same batches from step 1 on, the whole run's LRs, first_step recorded
+    lrs2, _, steps2 = rmd.batches_and_lrs(c, str(tmp_path / "b1.npz"), stop_after=3, start_at=1)
+    b1 = np.load(tmp_path / "b1.npz")
+    assert steps2 == 3 and lrs2 == lrs and int(b1["first_step"]) == 1 and int(b["first_step"]) == 0
+    np.testing.assert_array_equal(b1["images"], b["images"][1:])
+    np.testing.assert_array_equal(b1["labels"], b["labels"][1:])
+    with pytest.raises(SystemExit, match="resume at step 3: outside the run's 3 steps"):
+        rmd.batches_and_lrs(c, "", stop_after=3, start_at=3)
