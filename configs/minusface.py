@@ -88,6 +88,9 @@ The PyTorch reference on the same generator, batches and schedule, first 1,008 s
 --ours-stage1 ... --stop-after 1008 --set ...``; bench/RESULTS.md, "The reference on the same 1,008 steps"):
 55.1 / 54.8 / 60.4 / 65.3% at steps 252 / 504 / 756 / 1,008 against ours 55.8 / 56.1 / 61.6 / 59.3%, the same
 loss and training top-1 curves: the reference does not reach 75% in the 30-minute budget either.
+Continued to the whole 2,016 steps (``--stop-after 2016 --resume``; bench/RESULTS.md, "The reference's whole
+2,016 steps"): the reference 63.1 / 72.2 / 72.5 / 73.4% at steps 1,260 / 1,512 / 1,764 / 2,016, ours 63.9 / 70.5 /
+72.4 / 70.8%: neither reaches 75% in 2,016 stage-2 steps (~70 min of ours on a 2-core CPU).
 
 (stage 2's ``demo`` reads ``runs/minusface_stage1_demo`` unless
 ``stage1_workdir=...`` is given). ``toy``: the U-Net on RGB
