@@ -28,17 +28,17 @@ the CASIA MobileFaceNet of ``../shared/data/models`` as recogniser::
     ppfr-privacy --workdir runs/privacy_demo --config \\
         configs/privacy.py:demo,recognizer=../shared/data/models/mobilefacenet_casia_xiaoccer/068.ckpt
 
-Measured 2026-12-08 on a 2-core AMD EPYC (bench/RESULTS.md, "All three rows on models of today's demo
-commands"; 846 s), DuetFace's server from ``configs/duetface.py:demo``, MinusFace's generator from
-``configs/minusface.py:stage1,demo``: recovered SSIM / CASIA accuracy on the recovered faces raw 0.956 /
-98.4%, DuetFace 0.722 / 93.0%, MinusFace 0.374 / 51.8% (chance); no attacker collapses to one face.
-
 (``full``: the paper's full-scale U-Net instead; slow on a CPU.) ``tiny``:
 synthetic training faces, a tiny U-Net, 2 steps, 10 DevTest pairs, untrained
 method weights allowed: for tests. Variant arguments: ``duetface_workdir=``,
 ``minusface_workdir=``, ``recognizer=`` (checkpoint), ``recognizer_model=``
 (an ``evaluate.MODELS`` name, default ``casia_mobilefacenet``), ``steps=``,
 ``allow_untrained=True``, ``rows=raw+minusface`` (``+``-separated subset).
+
+``demo`` measured 2026-12-08 on a 2-core AMD EPYC (bench/RESULTS.md, "All three rows on models of today's demo
+commands"; 846 s), DuetFace's server from ``configs/duetface.py:demo``, MinusFace's generator from
+``configs/minusface.py:stage1,demo``: recovered SSIM / CASIA accuracy on the recovered faces raw 0.956 /
+98.4%, DuetFace 0.722 / 93.0%, MinusFace 0.374 / 51.8% (chance); no attacker collapses to one face.
 """
 import ml_collections
 
